@@ -1,0 +1,379 @@
+"""Typed configuration: dataclasses loaded from YAML plus dotted `key=value` overrides.
+
+Everything is validated once, in `Config.validate`, before any process group
+or file exists. Every error is a `ConfigError` whose one-line message names the
+setting and says how to fix it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V3 shape. Names follow the HuggingFace DeepseekV3 config where one exists."""
+
+    vocab_size: int = 512
+    hidden_size: int = 128
+    num_layers: int = 4
+    first_k_dense: int = 1                 # the first k layers use a dense MLP
+    intermediate_size: int = 384           # dense MLP width
+    moe_intermediate_size: int = 64        # one routed / shared expert's width
+    num_heads: int = 4
+    q_lora_rank: int = 0                   # 0: no query compression (plain q_proj)
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    n_group: int = 4
+    topk_group: int = 2
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_factor: float = 1.0               # YaRN factor; 1 switches YaRN off
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    max_position_embeddings: int = 4096
+    mtp_depth: int = 0                     # num_nextn_predict_layers
+    init_std: float = 0.006
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.num_layers - self.first_k_dense
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    sequence_parallel: bool = False
+    pipeline_schedule: str = "1f1b"        # 1f1b | dualpipe | dualpipev
+    zero_stage: int = 1
+    deepspeed_config: str | None = None    # extra DeepSpeed JSON merged into the generated one
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    global_batch: int = 16                 # sequences per optimizer step
+    micro_batch: int = 4                   # sequences per forward/backward
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    lr_schedule: str = "cosine"            # constant | cosine
+    warmup_steps: int = 20
+    decay_start: int | None = None         # cosine start; default: end of warmup
+    decay_steps: int | None = None         # cosine length; default: to the last step
+    lr_after: list = field(default_factory=list)  # [[step, lr], ...] constant stages after the decay
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1234
+    device: str = "auto"                   # auto | cpu | cuda
+    dtype: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    bias_update_speed: float | list = 0.001  # gamma, or [[step, gamma], ...]
+    bias_recenter: bool = False
+    seq_aux_alpha: float = 0.0001
+    mtp_loss_weight: float | list = 0.3    # lambda, or [[step, lambda], ...]
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_batches: int = 4
+    max_nonfinite_steps: int = 3           # consecutive skipped steps before stopping
+    peak_tflops: float | None = None       # for MFU; default: the device's known bf16 peak
+    run_dir: str | None = None             # default: runs/<config name>
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"              # synthetic | indexed
+    train_path: str | None = None          # indexed: prefix of .bin/.idx
+    valid_path: str | None = None          # indexed: prefix of held-out .bin/.idx
+    tokenizer: str | None = None           # indexed: sentencepiece .model
+    cache_dir: str = ".megads_cache"       # synthetic: where corpus, tokenizer, datasets are built
+    synthetic_docs: int = 20000
+    synthetic_valid_docs: int = 500
+    seed: int = 1234
+
+
+@dataclass
+class FP8Config:
+    enabled: bool = False
+    backend: str = "emulated"              # emulated | torch
+    power_of_two_scales: bool = False
+    exclude: list = field(default_factory=list)  # module name patterns kept in high precision
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0                      # save every N steps (0: only at the end)
+    dir: str | None = None                 # default: <run_dir>/checkpoints
+    keep_last: int = 2
+    resume: str = "auto"                   # auto (latest in dir) | none | a checkpoint path
+    save_at_end: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    name: str = "megads"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: int | None = None) -> "Config":
+        _validate_model(self.model)
+        _validate_train(self.train, self.model)
+        _validate_data(self.data)
+        _validate_parallel(self.parallel, self.model, self.train, world_size)
+        _validate_fp8(self.fp8)
+        _validate_checkpoint(self.checkpoint)
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return self.train.run_dir or os.path.join("runs", self.name)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Read YAML (or start from defaults when `path` is None) and apply `a.b=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path!r} does not exist; pass the path of a YAML file such as configs/tiny.yaml")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections (model:, train:, ...)")
+        raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=50)")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return _build(Config, raw, "")
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the annotation; ints are accepted where floats are expected."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is str and isinstance(value, str):
+            return value
+        if option is list and isinstance(value, list):
+            return value
+    names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _validate_model(m: ModelConfig) -> None:
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank", "qk_nope_head_dim",
+                "qk_rope_head_dim", "v_head_dim", "intermediate_size"):
+        _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    _require(0 <= m.first_k_dense <= m.num_layers,
+             f"model.first_k_dense={m.first_k_dense} must be between 0 and model.num_layers={m.num_layers}")
+    _require(m.q_lora_rank >= 0, f"model.q_lora_rank must be >= 0 (0 disables query compression), got {m.q_lora_rank}")
+    _require(m.qk_rope_head_dim % 2 == 0, f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+    _require(m.mtp_depth >= 0, f"model.mtp_depth must be >= 0, got {m.mtp_depth}")
+    _require(m.rope_factor >= 1.0, f"model.rope_factor={m.rope_factor} must be >= 1 (1 disables YaRN)")
+    if m.n_moe_layers > 0 or m.mtp_depth > 0:
+        _require(m.n_routed_experts > 0, f"model.n_routed_experts must be positive when MoE layers exist, got {m.n_routed_experts}")
+        _require(m.moe_intermediate_size > 0, f"model.moe_intermediate_size must be positive, got {m.moe_intermediate_size}")
+        _require(m.n_group > 0 and m.n_routed_experts % m.n_group == 0,
+                 f"model.n_routed_experts={m.n_routed_experts} is not divisible by model.n_group={m.n_group}; "
+                 f"choose n_group among the divisors of n_routed_experts")
+        _require(1 <= m.topk_group <= m.n_group,
+                 f"model.topk_group={m.topk_group} must be between 1 and model.n_group={m.n_group}")
+        per_group = m.n_routed_experts // m.n_group
+        _require(1 <= m.num_experts_per_tok <= m.topk_group * per_group,
+                 f"model.num_experts_per_tok={m.num_experts_per_tok} must be between 1 and topk_group * experts per group "
+                 f"= {m.topk_group * per_group}")
+        _require(m.n_group == 1 or per_group >= 2,
+                 f"model.n_group={m.n_group} leaves {per_group} expert per group; groups are scored by their top-2 "
+                 f"experts, so use n_group <= {m.n_routed_experts // 2}")
+        _require(m.n_shared_experts >= 0, f"model.n_shared_experts must be >= 0, got {m.n_shared_experts}")
+
+
+def _validate_schedule(value: float | list, key: str) -> None:
+    if isinstance(value, list):
+        ok = all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and isinstance(p[1], (int, float))
+                 for p in value) and value and value[0][0] == 0
+        _require(bool(ok), f"train.{key} must be a number or a list of [step, value] pairs starting at step 0, got {value!r}")
+        steps = [p[0] for p in value]
+        _require(steps == sorted(set(steps)), f"train.{key}: steps must increase, got {steps}")
+
+
+def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
+    for key in ("steps", "global_batch", "micro_batch", "seq_len", "log_interval"):
+        _require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
+    _require(t.global_batch % t.micro_batch == 0,
+             f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}")
+    _require(t.seq_len <= m.max_position_embeddings,
+             f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    _require(t.lr_schedule in ("constant", "cosine"), f"train.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
+    _require(t.lr > 0 and 0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    for pair in t.lr_after:
+        _require(isinstance(pair, list) and len(pair) == 2, f"train.lr_after entries must be [step, lr], got {pair!r}")
+    _require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    _require(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype must be auto, bf16 or fp32, got {t.dtype!r}")
+    _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables clipping), got {t.grad_clip}")
+    _require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    _require(t.eval_interval >= 0 and t.eval_batches >= 1, "train.eval_interval must be >= 0 and train.eval_batches >= 1")
+    _validate_schedule(t.bias_update_speed, "bias_update_speed")
+    _validate_schedule(t.mtp_loss_weight, "mtp_loss_weight")
+
+
+def _validate_data(d: DataConfig) -> None:
+    _require(d.source in ("synthetic", "indexed"), f"data.source must be synthetic or indexed, got {d.source!r}")
+    if d.source == "indexed":
+        for key in ("train_path", "valid_path"):
+            prefix = getattr(d, key)
+            _require(prefix is not None, f"data.{key} must be set when data.source=indexed (the prefix of a .bin/.idx pair "
+                                         f"made by tools/preprocess_data.py)")
+            for ext in (".bin", ".idx"):
+                _require(os.path.exists(prefix + ext), f"data.{key}: {prefix + ext} does not exist; "
+                                                       f"build it with tools/preprocess_data.py")
+        _require(d.tokenizer is not None and os.path.exists(d.tokenizer),
+                 f"data.tokenizer: sentencepiece model {d.tokenizer!r} does not exist; train one with tools/train_tokenizer.py")
+    else:
+        _require(d.synthetic_docs > 0 and d.synthetic_valid_docs > 0,
+                 "data.synthetic_docs and data.synthetic_valid_docs must be positive")
+
+
+def _validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world_size: int | None) -> None:
+    for key in ("tp", "pp", "ep"):
+        _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    _require(p.pipeline_schedule in ("1f1b", "dualpipe", "dualpipev"),
+             f"parallel.pipeline_schedule must be 1f1b, dualpipe or dualpipev, got {p.pipeline_schedule!r}")
+    _require(p.zero_stage in (0, 1, 2), f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}")
+    _require(m.num_heads % p.tp == 0, f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}")
+    if m.n_moe_layers > 0:
+        _require(m.n_routed_experts % p.ep == 0,
+                 f"model.n_routed_experts={m.n_routed_experts} is not divisible by parallel.ep={p.ep}")
+    if p.deepspeed_config is not None:
+        _require(os.path.exists(p.deepspeed_config), f"parallel.deepspeed_config: {p.deepspeed_config} does not exist")
+    if world_size is None:
+        return
+    _require(world_size % (p.tp * p.pp) == 0,
+             f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp} = {p.tp * p.pp}")
+    dp = world_size // (p.tp * p.pp)
+    _require((dp * p.tp) % p.ep == 0,
+             f"parallel.ep={p.ep} does not divide dp * tp = {dp} * {p.tp} = {dp * p.tp} (the ranks of one pipeline stage)")
+    _require(t.global_batch % (dp * t.micro_batch) == 0,
+             f"train.global_batch={t.global_batch} is not divisible by dp * train.micro_batch = {dp} * {t.micro_batch}")
+
+
+def _validate_fp8(f: FP8Config) -> None:
+    _require(f.backend in ("emulated", "torch"), f"fp8.backend must be emulated or torch, got {f.backend!r}")
+
+
+def _validate_checkpoint(c: CheckpointConfig) -> None:
+    _require(c.interval >= 0, f"checkpoint.interval must be >= 0, got {c.interval}")
+    _require(c.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {c.keep_last}")
+    _require(c.resume in ("auto", "none") or os.path.exists(c.resume),
+             f"checkpoint.resume must be auto, none or an existing checkpoint path, got {c.resume!r}")
+
+
+def schedule_value(value: float | list, step: int) -> float:
+    """A constant, or the value of the last [start_step, value] pair with start_step <= step."""
+    if not isinstance(value, list):
+        return float(value)
+    current = float(value[0][1])
+    for start, v in value:
+        if step >= start:
+            current = float(v)
+    return current
+
+
+def lr_at(t: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then constant or cosine, then `lr_after`."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    lr = t.lr
+    if t.lr_schedule == "cosine":
+        start = t.decay_start if t.decay_start is not None else t.warmup_steps
+        length = t.decay_steps if t.decay_steps is not None else max(t.steps - start, 1)
+        progress = min(max(step - start, 0) / length, 1.0)
+        lr = t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+    for start, value in t.lr_after:
+        if step >= start:
+            lr = float(value)
+    return lr

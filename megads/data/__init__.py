@@ -1,0 +1,22 @@
+"""Data pipeline: synthetic corpus, tokenizer, indexed datasets, packing/sharding loader."""
+from megads.data.indexed import IndexedDataset, IndexedDatasetWriter
+from megads.data.loader import BatchLoader, PackedSequences
+from megads.data.prepare import PreparedData, prepare_data
+from megads.data.synthetic import Problem, extract_answer, format_ok, generate_documents, make_problem
+from megads.data.tokenizer import Tokenizer, train_tokenizer
+
+__all__ = [
+    "BatchLoader",
+    "IndexedDataset",
+    "IndexedDatasetWriter",
+    "PackedSequences",
+    "PreparedData",
+    "Problem",
+    "Tokenizer",
+    "extract_answer",
+    "format_ok",
+    "generate_documents",
+    "make_problem",
+    "prepare_data",
+    "train_tokenizer",
+]

@@ -1,0 +1,57 @@
+"""Multi-head latent attention (DeepSeek-V2/V3).
+
+Queries optionally pass through a low-rank latent (q_lora_rank); keys and values share one
+compressed latent c_kv [kv_lora_rank] plus a single decoupled RoPE key shared by all heads.
+Head counts are read from tensor shapes (`-1` in views), so the same code runs on a
+tensor-parallel shard holding a slice of the heads.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megads.config import ModelConfig
+from megads.model.layers import Linear, RMSNorm
+from megads.model.rope import apply_rope, softmax_scale
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, d = cfg.num_heads, cfg.hidden_size
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        if cfg.q_lora_rank > 0:
+            self.q_a_proj = Linear(d, cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim)
+        else:
+            self.q_proj = Linear(d, h * cfg.qk_head_dim)
+        self.kv_a_proj_with_mqa = Linear(d, cfg.kv_lora_rank + self.rope_dim)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (self.nope_dim + self.v_dim))
+        self.o_proj = Linear(h * self.v_dim, d)
+        self.scale = softmax_scale(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape                                                   # x [b, s, d]
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, s, -1, self.nope_dim + self.rope_dim)                 # [b, s, h, nope+rope]
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin)                  # [b, s, 1, rope], shared by heads
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, s, -1, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)           # [b, s, h, nope], [b, s, h, v]
+        heads = k_nope.shape[2]
+
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, -1, heads, -1)], dim=-1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, scale=self.scale)   # [b, h, s, v]
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, heads * self.v_dim))

@@ -1,0 +1,161 @@
+"""DeepSeekMoE: sigmoid router with group-limited top-k, auxiliary-loss-free bias balancing,
+the sequence-wise balance loss, shared experts, no token dropping (DeepSeek-V3 report, 2.1.2)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megads.config import ModelConfig
+from megads.model.layers import MLP
+
+
+class Router(nn.Module):
+    """Scores tokens against experts. Selection uses score + bias; gate weights use the unbiased score."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scaling, self.normalize = cfg.routed_scaling_factor, cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # fp32 bias used only to select experts; moved by update_bias, never by the optimizer.
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [t, d] -> expert ids [t, k] (int64), gate weights [t, k] (fp32), scores [t, e] (fp32)."""
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        biased = scores.detach() + self.e_score_correction_bias
+        if self.n_group > 1:
+            grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)                    # [t, n_group]
+            keep_groups = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, False)
+            biased = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)
+        expert_ids = biased.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, expert_ids)
+        if self.normalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return expert_ids, weights * self.scaling, scores
+
+
+class GroupedExperts(nn.Module):
+    """All routed experts' SwiGLU weights as 3-D tensors with the expert on dim 0.
+
+    Input rows are sorted by expert; `counts[e]` rows belong to expert e.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [n, d] sorted by expert, counts [e] -> [n, d]."""
+        outs = []
+        for e, chunk in enumerate(x.split(counts.tolist())):
+            if chunk.shape[0]:
+                hidden = F.silu(chunk @ self.gate_proj[e].t()) * (chunk @ self.up_proj[e].t())
+                outs.append(hidden @ self.down_proj[e].t())
+        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+
+# ----------------------------------------------------------------------------- the balance loss
+
+_balance_loss_grad_scale = 1.0
+
+
+@contextlib.contextmanager
+def balance_loss_scale(scale: float):
+    """The factor the balance loss gradient gets in backward (1 / micro-batches per step)."""
+    global _balance_loss_grad_scale
+    previous, _balance_loss_grad_scale = _balance_loss_grad_scale, scale
+    try:
+        yield
+    finally:
+        _balance_loss_grad_scale = previous
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Identity on `out` whose backward also differentiates `loss` (with d loss = the global scale).
+
+    This adds an auxiliary loss to the objective without carrying it to the end of the model,
+    which is what a pipeline stage needs.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.scale = _balance_loss_grad_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.full((), ctx.scale, device=grad.device, dtype=torch.float32)
+
+
+def sequence_balance_loss(scores: torch.Tensor, expert_ids: torch.Tensor, n_experts: int, alpha: float) -> torch.Tensor:
+    """alpha * sum_i f_i P_i, averaged over sequences (DeepSeek-V3 eq. 17-20).
+
+    scores [b, s, e] unbiased affinities; expert_ids [b, s, k] selected experts.
+    f_i = e / (k s) * #tokens of the sequence routed to i;  P_i = mean_t s_it / sum_j s_jt.
+    """
+    b, s, k = expert_ids.shape
+    counts = torch.zeros(b, n_experts, device=scores.device).scatter_add_(
+        1, expert_ids.reshape(b, s * k), torch.ones(b, s * k, device=scores.device))
+    f = counts * n_experts / (k * s)
+    p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+    return alpha * (f * p).sum(-1).mean()
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
+            if cfg.n_shared_experts > 0 else None
+        self.balance_alpha = 0.0
+        # Tokens routed to each expert by this step's grad-enabled forwards (selection statistics).
+        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
+        self.last_balance_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        tokens = x.reshape(-1, d)
+        expert_ids, weights, scores = self.gate(tokens)                           # [t, k], [t, k], [t, e]
+        if torch.is_grad_enabled():
+            self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.n_experts).float()
+        out = self.route(tokens, expert_ids, weights).view(b, s, d)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        if self.balance_alpha > 0:
+            loss = sequence_balance_loss(scores.view(b, s, -1), expert_ids.view(b, s, -1), self.n_experts,
+                                         self.balance_alpha)
+            self.last_balance_loss = loss.detach()
+            if torch.is_grad_enabled():
+                out = _AttachLoss.apply(out, loss)
+        return out
+
+    def route(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Send each token to its k experts, run them, and sum the weighted results. [t, d] -> [t, d]."""
+        k = expert_ids.shape[1]
+        flat = expert_ids.flatten()
+        order = flat.argsort(stable=True)                                        # rows sorted by expert
+        source = order // k                                                      # token of each sorted row
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        out = self.experts(tokens[source], counts)                               # [t*k, d]
+        out = out.float() * weights.flatten()[order].unsqueeze(-1)
+        return torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device) \
+            .index_add_(0, source, out).to(tokens.dtype)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, gamma: float, recenter: bool) -> None:
+        """bias += gamma * sign(mean load - load): overloaded experts down, underloaded up."""
+        bias = self.gate.e_score_correction_bias
+        bias += gamma * torch.sign(load.mean() - load)
+        if recenter:
+            bias -= bias.mean()
