@@ -91,13 +91,17 @@ class Trainer:
                 totals += torch.stack([out.loss.detach() + balance, out.lm_loss.detach(), out.mtp_loss.detach(),
                                        balance]).double().cpu() / n
         loss, lm_loss, mtp_loss, balance_loss = totals.tolist()
-        grad_norm = self.clip_gradients()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        total_norm = torch.nn.utils.get_total_norm(grads)
+        grad_norm = float(total_norm)
         load_ratio = self.load_ratio()
         bad = None
         if not math.isfinite(loss):
             bad = "loss"
         elif not math.isfinite(grad_norm):
             bad = self.first_nonfinite_gradient()
+        elif t.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), t.grad_clip, total_norm)
         if bad is None:
             self.optimizer.step()
             self.update_router_biases()
@@ -106,11 +110,6 @@ class Trainer:
                 moe.expert_load.zero_()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, lm_loss, mtp_loss, balance_loss, grad_norm, load_ratio, bad is not None, bad)
-
-    def clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     def first_nonfinite_gradient(self) -> str:
         for name, p in self.model.named_parameters():

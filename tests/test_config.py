@@ -1,0 +1,62 @@
+"""Config loading, overrides and validation: every bad value is a one-line error naming the key."""
+import pytest
+
+from megads.config import ConfigError, TrainConfig, load_config, lr_at, schedule_value
+
+
+def test_yaml_and_overrides():
+    cfg = load_config("configs/tiny.yaml", ["train.steps=50", "parallel.tp=2", "model.rope_factor=4"])
+    assert cfg.train.steps == 50 and cfg.parallel.tp == 2 and cfg.model.rope_factor == 4.0
+    assert cfg.name == "tiny" and cfg.run_dir == "runs/tiny"
+
+
+@pytest.mark.parametrize("override, words", [
+    (["model.hiden_size=3"], ["model.hiden_size", "model.hidden_size"]),
+    (["trian.steps=3"], ["trian", "train"]),
+    (["model.n_routed_experts=6"], ["model.n_routed_experts=6", "model.n_group=4"]),
+    (["model.topk_group=5"], ["model.topk_group=5"]),
+    (["model.num_experts_per_tok=9"], ["model.num_experts_per_tok=9"]),
+    (["train.global_batch=10"], ["train.global_batch=10", "train.micro_batch=8"]),
+    (["train.steps=abc"], ["train.steps", "int"]),
+    (["model.qk_rope_head_dim=15"], ["model.qk_rope_head_dim=15"]),
+    (["parallel.pipeline_schedule=gpipe"], ["parallel.pipeline_schedule"]),
+    (["data.source=indexed", "data.train_path=/nonexistent/train", "data.valid_path=/nonexistent/valid"],
+     ["data.train_path", "/nonexistent/train.bin"]),
+    (["model.num_heads=4", "parallel.tp=3"], ["model.num_heads=4", "parallel.tp=3"]),
+])
+def test_bad_values_name_the_setting(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", override).validate(world_size=1)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_layout_checks_name_both_numbers():
+    cfg = load_config("configs/tiny.yaml", ["parallel.tp=2", "parallel.pp=2"])
+    with pytest.raises(ConfigError, match="world size 6 is not divisible by .* = 4"):
+        cfg.validate(world_size=6)
+    cfg.validate(world_size=8)
+
+
+def test_published_configs_validate():
+    load_config("configs/v3-671b.yaml").validate(world_size=2048)
+    load_config("configs/v3-16b.yaml").validate(world_size=8)
+
+
+def test_lr_schedule_v3_shape():
+    t = TrainConfig(steps=100, lr=1.0, min_lr=0.1, warmup_steps=10, decay_start=40, decay_steps=40,
+                    lr_after=[[85, 0.05], [95, 0.01]])
+    assert lr_at(t, 0) == pytest.approx(0.1) and lr_at(t, 9) == pytest.approx(1.0)
+    assert lr_at(t, 20) == 1.0 and lr_at(t, 40) == 1.0                     # constant stage
+    assert lr_at(t, 60) == pytest.approx(0.55)                             # half-way down the cosine
+    assert lr_at(t, 80) == pytest.approx(0.1) and lr_at(t, 84) == pytest.approx(0.1)
+    assert lr_at(t, 85) == 0.05 and lr_at(t, 99) == 0.01
+
+
+def test_piecewise_schedules():
+    assert schedule_value(0.3, 10**9) == 0.3
+    assert [schedule_value([[0, 0.3], [5, 0.1]], s) for s in (0, 4, 5, 9)] == [0.3, 0.3, 0.1, 0.1]
+    with pytest.raises(ConfigError, match="train.mtp_loss_weight"):
+        load_config("configs/tiny.yaml", ["train.mtp_loss_weight=[[3, 0.1]]"]).validate()
