@@ -2,6 +2,8 @@
 so that tensor parallelism and FP8 are switched on inside it, from outside the model."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,7 +12,8 @@ from torch import nn
 class Linear(nn.Module):
     """y = x @ W^T with W [out_features, in_features] (no bias: DeepSeek-V3 has none).
 
-    `matmul` is the hook the parallel and FP8 wrappers replace; the default is F.linear.
+    `gemm(x, weight)` is the local matrix product: FP8 (megads.fp8) and the zero-bubble
+    weight-gradient deferral replace it; tensor parallelism wraps communication around it.
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -18,9 +21,10 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.gemm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return self.gemm(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -41,10 +41,17 @@ class Router(nn.Module):
         return expert_ids, weights * self.scaling, scores
 
 
-class GroupedExperts(nn.Module):
-    """All routed experts' SwiGLU weights as 3-D tensors with the expert on dim 0.
+def grouped_linear_loop(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per-expert x_e @ W_e^T. x [n, in] sorted by expert, weight [e, out, in], counts [e] -> [n, out]."""
+    outs = [chunk @ weight[e].t() for e, chunk in enumerate(x.split(counts.tolist()))]
+    return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
 
-    Input rows are sorted by expert; `counts[e]` rows belong to expert e.
+
+class GroupedExperts(nn.Module):
+    """All routed experts' SwiGLU weights as 3-D tensors [experts, out, in].
+
+    Input rows are sorted by expert; `counts[e]` rows belong to expert e. `grouped_gemm` is the
+    hook that grouped-GEMM kernels and FP8 replace.
     """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
@@ -52,15 +59,12 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.grouped_gemm = grouped_linear_loop
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [n, d] sorted by expert, counts [e] -> [n, d]."""
-        outs = []
-        for e, chunk in enumerate(x.split(counts.tolist())):
-            if chunk.shape[0]:
-                hidden = F.silu(chunk @ self.gate_proj[e].t()) * (chunk @ self.up_proj[e].t())
-                outs.append(hidden @ self.down_proj[e].t())
-        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+        hidden = F.silu(self.grouped_gemm(x, self.gate_proj, counts)) * self.grouped_gemm(x, self.up_proj, counts)
+        return self.grouped_gemm(hidden, self.down_proj, counts)
 
 
 # ----------------------------------------------------------------------------- the balance loss
