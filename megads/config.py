@@ -224,6 +224,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return None
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str):          # YAML 1.1 reads "2e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is bool and isinstance(value, bool):
@@ -325,6 +330,12 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world_
              f"parallel.pipeline_schedule must be 1f1b, dualpipe or dualpipev, got {p.pipeline_schedule!r}")
     _require(p.zero_stage in (0, 1, 2), f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}")
     _require(m.num_heads % p.tp == 0, f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}")
+    _require(m.vocab_size % p.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp} "
+                                       f"(the vocabulary is split over TP ranks); pad the vocabulary")
+    _require(not p.sequence_parallel or p.tp > 1,
+             "parallel.sequence_parallel=true needs parallel.tp > 1 (it shards activations over TP ranks)")
+    _require(not p.sequence_parallel or t.seq_len % p.tp == 0,
+             f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}, needed by parallel.sequence_parallel")
     if m.n_moe_layers > 0:
         _require(m.n_routed_experts % p.ep == 0,
                  f"model.n_routed_experts={m.n_routed_experts} is not divisible by parallel.ep={p.ep}")

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+
+import torch
+import torch.distributed as dist
 
 from megads.config import ConfigError, load_config
 from megads.data import prepare_data
+from megads.parallel.mesh import build_mesh
 from megads.train.trainer import NonFiniteError, Trainer
 
 log = logging.getLogger("megads")
@@ -34,20 +39,40 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        logging.getLogger("megads").setLevel(logging.WARNING)
     try:
-        cfg = load_config(argv[0], argv[1:]).validate(world_size=1)
+        cfg = load_config(argv[0], argv[1:]).validate(world_size=world_size)
         data = prepare_data(cfg.data, cfg.model.vocab_size)
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"megads: error: {err}", file=sys.stderr)
+        if rank == 0:
+            print(f"megads: error: {err}", file=sys.stderr)
         return 2
+    init_distributed(world_size)
     try:
-        result = Trainer(cfg, data).fit()
+        result = Trainer(cfg, data, build_mesh(cfg.parallel)).fit()
     except NonFiniteError as err:
         print(f"megads: error: {err}", file=sys.stderr)
         return 3
-    print(summarize(result["metrics"]))
-    print(f"run directory: {result['run_dir']}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        print(summarize(result["metrics"]))
+        print(f"run directory: {result['run_dir']}")
     return 0
+
+
+def init_distributed(world_size: int) -> None:
+    """Join the torchrun job: NCCL with one GPU per rank, gloo on CPU."""
+    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Checkpoint files on one filesystem: atomic writes, a `latest` pointer, keep-last-K.
+"""Checkpoint files on a shared filesystem: atomic writes, a `latest` pointer, keep-last-K.
 
-A checkpoint is a directory `step_XXXXXXXX/` holding `state.pt`; it appears only once complete
-(written under a temporary name, then renamed), and `latest` names the newest complete one.
+A checkpoint is a directory `step_XXXXXXXX/` holding one `rank_XXXXX.pt` per rank. Every rank
+writes into `step_XXXXXXXX.tmp/`; once all have written, rank 0 renames it and updates
+`latest`, so a checkpoint directory only ever appears complete.
 """
 from __future__ import annotations
 
@@ -10,22 +11,32 @@ import re
 import shutil
 
 import torch
+import torch.distributed as dist
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def save_checkpoint(ckpt_dir: str, step: int, state: dict, keep_last: int) -> str:
-    os.makedirs(ckpt_dir, exist_ok=True)
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def save_checkpoint(ckpt_dir: str, step: int, state: dict, keep_last: int, rank: int = 0, world_size: int = 1) -> str:
     final = os.path.join(ckpt_dir, f"step_{step:08d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _write_atomic(os.path.join(ckpt_dir, "latest"), os.path.basename(final) + "\n")
-    for old in _complete_checkpoints(ckpt_dir)[:-keep_last]:
-        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier(world_size)
+    torch.save(state, os.path.join(tmp, f"rank_{rank:05d}.pt"))
+    _barrier(world_size)
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(os.path.join(ckpt_dir, "latest"), os.path.basename(final) + "\n")
+        for old in _complete_checkpoints(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    _barrier(world_size)
     return final
 
 
@@ -41,11 +52,12 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
     return os.path.join(ckpt_dir, found[-1]) if found else None
 
 
-def load_checkpoint(path: str) -> dict:
-    state_file = os.path.join(path, "state.pt")
-    if not os.path.exists(state_file):
-        raise FileNotFoundError(f"checkpoint {path} has no state.pt; it is incomplete or not a megads checkpoint")
-    return torch.load(state_file, map_location="cpu", weights_only=False)
+def load_checkpoint(path: str, rank: int = 0, world_size: int = 1) -> dict:
+    files = sorted(f for f in os.listdir(path) if f.startswith("rank_")) if os.path.isdir(path) else []
+    if len(files) != world_size:
+        raise ValueError(f"checkpoint {path} holds {len(files)} rank files but this run has {world_size} ranks; "
+                         f"resume with the layout that wrote it")
+    return torch.load(os.path.join(path, f"rank_{rank:05d}.pt"), map_location="cpu", weights_only=False)
 
 
 def _complete_checkpoints(ckpt_dir: str) -> list[str]:

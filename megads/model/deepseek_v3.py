@@ -3,6 +3,7 @@ head, and optional multi-token-prediction depths sharing the embedding and head.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,10 @@ from megads.model.layers import Embedding, Linear, RMSNorm
 from megads.model.moe import MoE, GroupedExperts, Router
 from megads.model.mtp import MTPLayer
 from megads.model.rope import rope_cos_sin
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, targets, reduction="none")
 
 
 @dataclass
@@ -34,6 +39,8 @@ class DeepSeekV3(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.mtp = nn.ModuleDict({str(k): MTPLayer(cfg) for k in range(cfg.mtp_depth)})
+        # Per-token cross-entropy, logits [n, vocab] + targets [n] -> [n]; vocab-parallel under TP.
+        self.token_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = token_cross_entropy
         self._rope_cache: dict = {}
 
     @torch.no_grad()
@@ -73,7 +80,7 @@ class DeepSeekV3(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.0) -> ModelOutput:
         """tokens, targets [b, s] (targets[i] = tokens[i+1] of the packed stream)."""
         h = self.hidden_states(tokens)
-        lm_loss = F.cross_entropy(self.logits(h).flatten(0, 1).float(), targets.flatten())
+        lm_loss = self.token_losses(self.logits(h).flatten(0, 1).float(), targets.flatten()).mean()
         mtp_loss = self.mtp_loss(h, tokens, targets)
         return ModelOutput(loss=lm_loss + mtp_weight * mtp_loss, lm_loss=lm_loss, mtp_loss=mtp_loss)
 
@@ -93,7 +100,7 @@ class DeepSeekV3(nn.Module):
             tokens, targets = tokens.roll(-1, dims=1), targets.roll(-1, dims=1)
             hidden = layer(hidden, self.embed_tokens(tokens), cos, sin)
             logits = self.lm_head(layer.norm(hidden)).float()
-            per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(b, s)
+            per_token = self.token_losses(logits.flatten(0, 1), targets.flatten()).view(b, s)
             losses.append(per_token[:, : s - k].sum() / (b * s))
         return torch.stack(losses).mean()
 

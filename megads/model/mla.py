@@ -3,9 +3,13 @@
 Queries optionally pass through a low-rank latent (q_lora_rank); keys and values share one
 compressed latent c_kv [kv_lora_rank] plus a single decoupled RoPE key shared by all heads.
 Head counts are read from tensor shapes (`-1` in views), so the same code runs on a
-tensor-parallel shard holding a slice of the heads.
+tensor-parallel shard holding a slice of the heads. `to_heads` marks where per-token latents
+(computed on this rank's tokens) become the input of per-head projections: identity on one
+process; under tensor parallelism it copies (or, with sequence parallelism, all-gathers) them.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,20 +37,24 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (self.nope_dim + self.v_dim))
         self.o_proj = Linear(h * self.v_dim, d)
         self.scale = softmax_scale(cfg)
+        self.to_heads: Callable[[torch.Tensor], torch.Tensor] = _identity
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape                                                   # x [b, s, d]
+        b = x.shape[0]                                                      # x [b, s, d] (s/tp under SP)
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_b_proj(self.to_heads(self.q_a_layernorm(self.q_a_proj(x))))
+        s = q.shape[1]                                                      # the full sequence
         q = q.view(b, s, -1, self.nope_dim + self.rope_dim)                 # [b, s, h, nope+rope]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin)
 
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_rope = self.to_heads(torch.cat([self.kv_a_layernorm(latent), k_rope], dim=-1)) \
+            .split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin)                  # [b, s, 1, rope], shared by heads
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, s, -1, self.nope_dim + self.v_dim)
+        kv = self.kv_b_proj(latent).view(b, s, -1, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)           # [b, s, h, nope], [b, s, h, v]
         heads = k_nope.shape[2]
 
@@ -55,3 +63,7 @@ class MLA(nn.Module):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, scale=self.scale)   # [b, h, s, v]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, heads * self.v_dim))
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x

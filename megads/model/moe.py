@@ -3,6 +3,7 @@ the sequence-wise balance loss, shared experts, no token dropping (DeepSeek-V3 r
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -100,18 +101,24 @@ class _AttachLoss(torch.autograd.Function):
         return grad, torch.full((), ctx.scale, device=grad.device, dtype=torch.float32)
 
 
-def sequence_balance_loss(scores: torch.Tensor, expert_ids: torch.Tensor, n_experts: int, alpha: float) -> torch.Tensor:
+def sequence_balance_loss(scores: torch.Tensor, expert_ids: torch.Tensor, n_experts: int, alpha: float,
+                          reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """alpha * sum_i f_i P_i, averaged over sequences (DeepSeek-V3 eq. 17-20).
 
     scores [b, s, e] unbiased affinities; expert_ids [b, s, k] selected experts.
-    f_i = e / (k s) * #tokens of the sequence routed to i;  P_i = mean_t s_it / sum_j s_jt.
+    f_i = e / (k T) * #tokens of the sequence routed to i;  P_i = 1/T sum_t s_it / sum_j s_jt.
+    `reduce` sums per-sequence statistics over ranks that hold other parts of the same sequences
+    (sequence parallelism); T is then the full length.
     """
     b, s, k = expert_ids.shape
     counts = torch.zeros(b, n_experts, device=scores.device).scatter_add_(
         1, expert_ids.reshape(b, s * k), torch.ones(b, s * k, device=scores.device))
-    f = counts * n_experts / (k * s)
-    p = (scores / scores.sum(-1, keepdim=True)).mean(1)
-    return alpha * (f * p).sum(-1).mean()
+    affinity = (scores / scores.sum(-1, keepdim=True)).sum(1)              # [b, e], differentiable
+    length = torch.full((1,), float(s), device=scores.device)
+    if reduce is not None:
+        counts, affinity, length = reduce(counts), reduce(affinity), reduce(length)
+    f = counts * n_experts / (k * length)
+    return alpha * (f * affinity / length).sum(-1).mean()
 
 
 class MoE(nn.Module):
@@ -123,6 +130,7 @@ class MoE(nn.Module):
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
             if cfg.n_shared_experts > 0 else None
         self.balance_alpha = 0.0
+        self.reduce_sequence_stats: Callable[[torch.Tensor], torch.Tensor] | None = None   # set under SP
         # Tokens routed to each expert by this step's grad-enabled forwards (selection statistics).
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
         self.last_balance_loss = torch.zeros(())
@@ -138,7 +146,7 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
         if self.balance_alpha > 0:
             loss = sequence_balance_loss(scores.view(b, s, -1), expert_ids.view(b, s, -1), self.n_experts,
-                                         self.balance_alpha)
+                                         self.balance_alpha, self.reduce_sequence_stats)
             self.last_balance_loss = loss.detach()
             if torch.is_grad_enabled():
                 out = _AttachLoss.apply(out, loss)

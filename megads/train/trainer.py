@@ -9,12 +9,16 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from megads.checkpoint.local import latest_checkpoint, load_checkpoint, save_checkpoint
 from megads.config import Config, lr_at, schedule_value
 from megads.data import BatchLoader, PackedSequences, PreparedData
 from megads.model.deepseek_v3 import DeepSeekV3
 from megads.model.moe import balance_loss_scale
+from megads.parallel.data import build_step_optimizer
+from megads.parallel.mesh import Mesh
+from megads.parallel.tensor import parallelize_tensor
 from megads.train.metrics import MetricsWriter, flops_per_token, format_duration, memory_gib, peak_flops
 from megads.train.optim import build_optimizer, set_lr
 
@@ -50,19 +54,24 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, data: PreparedData, device: torch.device | None = None):
+    def __init__(self, cfg: Config, data: PreparedData, mesh: Mesh | None = None, device: torch.device | None = None):
         self.cfg = cfg
+        self.mesh = mesh or Mesh()
         self.device = device or resolve_device(cfg)
         self.dtype = resolve_dtype(cfg, self.device)
         t = cfg.train
         torch.manual_seed(t.seed)
+        # Every rank builds and initialises the whole model identically, then keeps its shards.
         self.model = DeepSeekV3(cfg.model).to(self.device)
         self.model.init_weights()
+        parallelize_tensor(self.model, self.mesh, cfg.parallel.sequence_parallel)
         for moe in self.model.moe_layers():
             moe.balance_alpha = t.seq_aux_alpha
         self.optimizer = build_optimizer(self.model, t, self.device)
+        self.stepper = build_step_optimizer(self.model, self.optimizer, self.mesh, cfg)
         eos = data.tokenizer.eos_id
-        self.train_batches = BatchLoader(PackedSequences(data.train, t.seq_len, t.seed, eos), t.global_batch, t.micro_batch)
+        self.train_batches = BatchLoader(PackedSequences(data.train, t.seq_len, t.seed, eos), t.global_batch,
+                                         t.micro_batch, self.mesh.dp_rank, self.mesh.dp)
         self.valid_sequences = PackedSequences(data.valid, t.seq_len, t.seed, eos)
         self.step = 0
         self.nonfinite_streak = 0
@@ -75,59 +84,60 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> StepResult:
+        """Forward/backward over this rank's micro-batches of one global batch, then one update."""
         t, model = self.cfg.train, self.model
         model.train()
         set_lr(self.optimizer, lr_at(t, self.step))
         mtp_weight = schedule_value(t.mtp_loss_weight, self.step)
         n = len(micro_batches)
-        totals = torch.zeros(4, dtype=torch.float64)
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         with balance_loss_scale(1.0 / n):
             for batch in micro_batches:
                 batch = batch.to(self.device, non_blocking=True)
                 with self.autocast():
                     out = model(batch[:, :-1], batch[:, 1:], mtp_weight)
                 balance = sum((m.last_balance_loss for m in model.moe_layers()), torch.zeros((), device=self.device))
-                (out.loss / n).backward()
+                self.stepper.backward(out.loss / n)
                 totals += torch.stack([out.loss.detach() + balance, out.lm_loss.detach(), out.mtp_loss.detach(),
-                                       balance]).double().cpu() / n
-        loss, lm_loss, mtp_loss, balance_loss = totals.tolist()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        total_norm = torch.nn.utils.get_total_norm(grads)
-        grad_norm = float(total_norm)
-        load_ratio = self.load_ratio()
-        bad = None
-        if not math.isfinite(loss):
-            bad = "loss"
-        elif not math.isfinite(grad_norm):
-            bad = self.first_nonfinite_gradient()
-        elif t.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(model.parameters(), t.grad_clip, total_norm)
-        if bad is None:
-            self.optimizer.step()
-            self.update_router_biases()
+                                       balance]).double() / n
+        loss, lm_loss, mtp_loss, balance_loss = self.mean_over_dp(totals).tolist()
+        loads = self.reduce_expert_loads()
+        load_ratio = max(((load.max() / load.mean()).item() for load in loads if load.sum() > 0), default=1.0)
+        if math.isfinite(loss):
+            outcome = self.stepper.step()
         else:
-            for moe in model.moe_layers():
-                moe.expert_load.zero_()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, lm_loss, mtp_loss, balance_loss, grad_norm, load_ratio, bad is not None, bad)
-
-    def first_nonfinite_gradient(self) -> str:
-        for name, p in self.model.named_parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                return f"{name}.grad"
-        return "grad_norm"
-
-    def update_router_biases(self) -> None:
-        gamma = schedule_value(self.cfg.train.bias_update_speed, self.step)
-        for moe in self.model.moe_layers():
-            moe.update_bias(moe.expert_load, gamma, self.cfg.train.bias_recenter)
+            self.stepper.zero_grad()
+            outcome = None
+        applied = outcome is not None and outcome.applied
+        if applied:
+            gamma = schedule_value(t.bias_update_speed, self.step)
+            for moe, load in zip(model.moe_layers(), loads):
+                moe.update_bias(load, gamma, t.bias_recenter)
+        for moe in model.moe_layers():
             moe.expert_load.zero_()
+        bad = None if applied else "loss" if outcome is None else outcome.bad_tensor
+        grad_norm = outcome.grad_norm if outcome is not None else float("nan")
+        return StepResult(loss, lm_loss, mtp_loss, balance_loss, grad_norm, load_ratio, not applied, bad)
 
-    def load_ratio(self) -> float:
-        """max over MoE layers of (max expert load / mean load) over this step's forwards so far."""
-        ratios = [(m.expert_load.max() / m.expert_load.mean()).item() for m in self.model.moe_layers()
-                  if m.expert_load.sum() > 0]
-        return max(ratios) if ratios else 1.0
+    def mean_over_dp(self, values: torch.Tensor) -> torch.Tensor:
+        """Average per-rank statistics over data-parallel ranks (TP ranks already agree)."""
+        group = self.mesh.group("dp")
+        if group is not None:
+            values = values.clone()
+            dist.all_reduce(values, group=group)
+            values /= self.mesh.dp
+        return values.cpu()
+
+    def reduce_expert_loads(self) -> list[torch.Tensor]:
+        """This step's tokens per expert for every MoE layer, summed over the ranks of the stage
+        (under TP without SP each token is counted tp times, which changes no sign or ratio)."""
+        loads = [m.expert_load.clone() for m in self.model.moe_layers()]
+        group = self.mesh.group("stage")
+        if group is not None and loads:
+            flat = torch.cat(loads)
+            dist.all_reduce(flat, group=group)
+            loads = list(flat.split([load.numel() for load in loads]))
+        return loads
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -145,14 +155,14 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self.model.state_dict(), "optimizer": self.stepper.state_dict(),
                 "step": self.step, "nonfinite_streak": self.nonfinite_streak,
                 "data": self.train_batches.state_dict(), "rng": torch.get_rng_state(),
                 "config": self.cfg.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.stepper.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self.nonfinite_streak = state["nonfinite_streak"]
         self.train_batches.load_state_dict(state["data"])
@@ -160,13 +170,14 @@ class Trainer:
 
     def save(self) -> str:
         c = self.cfg.checkpoint
-        return save_checkpoint(self.cfg.checkpoint_dir, self.step, self.state_dict(), c.keep_last)
+        return save_checkpoint(self.cfg.checkpoint_dir, self.step, self.state_dict(), c.keep_last,
+                               self.mesh.rank, self.mesh.world_size)
 
     def maybe_resume(self) -> str | None:
         c = self.cfg.checkpoint
         path = None if c.resume == "none" else latest_checkpoint(self.cfg.checkpoint_dir) if c.resume == "auto" else c.resume
         if path is not None:
-            self.load_state_dict(load_checkpoint(path))
+            self.load_state_dict(load_checkpoint(path, self.mesh.rank, self.mesh.world_size))
         return path
 
     # ------------------------------------------------------------------ the loop
@@ -176,7 +187,7 @@ class Trainer:
         resumed = self.maybe_resume()
         if resumed:
             log.info(f"resumed from {resumed} at step {self.step}")
-        metrics = MetricsWriter(cfg.run_dir, enabled=True, resume_step=self.step)
+        metrics = MetricsWriter(cfg.run_dir, enabled=self.mesh.rank == 0, resume_step=self.step)
         tokens_per_step = t.global_batch * t.seq_len
         started, start_step = time.perf_counter(), self.step
         if self.step == 0 and t.eval_interval:

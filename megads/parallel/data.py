@@ -1,0 +1,216 @@
+"""Data parallelism and the optimizer step.
+
+Two implementations of one small interface (backward / step / zero_grad / state):
+
+- `LocalOptimizer`: megads' AdamW on the full local parameters; gradients averaged over DP
+  with all-reduce when dp > 1 (parallel.zero_stage=0). Used on one process.
+- `DeepSpeedOptimizer`: the same AdamW wrapped by DeepSpeed's ZeRO stage 1 or 2 (optimizer
+  state, and with stage 2 gradients, partitioned over DP), with a Megatron-style mpu built from
+  the mesh so that clipping uses one global norm over all TP and PP ranks.
+
+Both clip to `train.grad_clip` with the global norm and skip the update when it is not finite.
+Parameters live in fp32 (master weights); on GPU the forward runs under bf16 autocast.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megads.config import Config, ConfigError
+from megads.parallel.mesh import Mesh
+
+
+@dataclass
+class StepOutcome:
+    grad_norm: float
+    applied: bool
+    bad_tensor: str | None = None     # the first non-finite gradient, when known
+
+
+def is_tensor_parallel(p: torch.Tensor) -> bool:
+    return getattr(p, "tensor_model_parallel", False)
+
+
+def global_grad_norm(named_params: list[tuple[str, nn.Parameter]], mesh: Mesh) -> torch.Tensor:
+    """2-norm over the whole model: TP shards summed over TP, replicated parameters counted
+    once, pipeline stages summed over PP (the model-parallel group)."""
+    device = named_params[0][1].device if named_params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for _, p in named_params:
+        if p.grad is not None and (is_tensor_parallel(p) or mesh.tp_rank == 0):
+            total += p.grad.double().pow(2).sum()
+    if mesh.group("mp") is not None:
+        dist.all_reduce(total, group=mesh.group("mp"))
+    return total.sqrt()
+
+
+class LocalOptimizer:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, grad_clip: float):
+        self.model, self.optimizer, self.mesh, self.grad_clip = model, optimizer, mesh, grad_clip
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> StepOutcome:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        dp_group = self.mesh.group("dp")
+        if dp_group is not None:
+            for _, p in named:
+                dist.all_reduce(p.grad, group=dp_group)
+                p.grad.div_(self.mesh.dp)
+        norm = global_grad_norm(named, self.mesh)
+        grad_norm = float(norm)
+        if not math.isfinite(grad_norm):
+            bad = next((n for n, p in named if not torch.isfinite(p.grad).all()), "grad_norm")
+            self.zero_grad()
+            return StepOutcome(grad_norm, False, f"{bad}.grad")
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_([p for _, p in named], self.grad_clip, norm.float())
+        self.optimizer.step()
+        self.zero_grad()
+        return StepOutcome(grad_norm, True)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+class MeshMPU:
+    """The Megatron-style `mpu` DeepSpeed asks for. "Model parallel" rank/group follow
+    DeepSpeed's use of them: the rank decides which replicated parameters count towards the
+    norm (TP rank 0), the group sums norms over every rank of one replica (TP x PP)."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+
+    def get_model_parallel_rank(self) -> int:
+        return self.mesh.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.mesh.tp
+
+    def get_model_parallel_group(self):
+        return self.mesh.process_group("mp")
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.mesh.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.mesh.tp
+
+    def get_tensor_model_parallel_group(self):
+        return self.mesh.process_group("tp")
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.mesh.rank - self.mesh.tp_rank
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.mesh.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.mesh.pp
+
+    def get_pipeline_model_parallel_group(self):
+        return self.mesh.process_group("pp")
+
+    def get_data_parallel_rank(self) -> int:
+        return self.mesh.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.mesh.dp
+
+    def get_data_parallel_group(self):
+        return self.mesh.process_group("dp")
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return self.mesh.ranks["dp"]
+
+
+# Settings megads derives itself; a user's extra DeepSpeed JSON may not change them.
+_CONTROLLED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "gradient_clipping", "optimizer", "scheduler", "fp16", "bf16", "managed_gradient_accumulation",
+               "zero_optimization.stage")
+
+
+def deepspeed_config(cfg: Config, mesh: Mesh) -> dict:
+    """The DeepSpeed config megads generates, merged with `parallel.deepspeed_config` (extra keys only)."""
+    t = cfg.train
+    micro_batches = t.global_batch // (mesh.dp * t.micro_batch)
+    generated = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": micro_batches,
+        "managed_gradient_accumulation": False,      # megads' loop (or pipeline schedule) owns the boundary
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "overlap_comm": False,
+                              "contiguous_gradients": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2 ** 62,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.parallel.deepspeed_config:
+        with open(cfg.parallel.deepspeed_config) as f:
+            extra = json.load(f)
+        _merge(generated, extra, "")
+    return generated
+
+
+def _merge(base: dict, extra: dict, prefix: str) -> None:
+    for key, value in extra.items():
+        path = prefix + key
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, path + ".")
+            continue
+        if path in _CONTROLLED and base.get(key) != value:
+            raise ConfigError(f"parallel.deepspeed_config sets {path}={value!r}, which megads controls "
+                              f"(it is {base.get(key)!r} here); set it through megads' own config instead")
+        base[key] = value
+
+
+class DeepSpeedOptimizer:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, cfg: Config):
+        import deepspeed
+        self.mesh = mesh
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, mesh), mpu=MeshMPU(mesh),
+            dist_init_required=False)
+        self.base_optimizer = optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> StepOutcome:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+        applied = self.engine.was_step_applied()
+        return StepOutcome(grad_norm, applied, None if applied else "gradients (global norm not finite)")
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict([state] * self.mesh.dp, load_optimizer_states=True,
+                                       load_from_fp32_weights=True)
+
+
+def build_step_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, cfg: Config):
+    """DeepSpeed ZeRO when data parallel with zero_stage >= 1, else the local optimizer."""
+    if mesh.dp > 1 and cfg.parallel.zero_stage >= 1:
+        return DeepSpeedOptimizer(model, optimizer, mesh, cfg)
+    return LocalOptimizer(model, optimizer, mesh, cfg.train.grad_clip)
