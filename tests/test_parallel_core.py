@@ -22,7 +22,7 @@ from megads.parallel.tensor import parallelize_tensor
 from megads.train.trainer import Trainer
 
 STEPS = 3
-SMALL = ["model.hidden_size=64", "model.num_layers=3", "model.intermediate_size=128", "model.moe_intermediate_size=32",
+SMALL = ["parallel.tp=1", "model.hidden_size=64", "model.num_layers=3", "model.intermediate_size=128", "model.moe_intermediate_size=32",
          "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
          "model.v_head_dim=16", "model.mtp_depth=1", "train.seq_len=32", "train.global_batch=8", "train.micro_batch=2",
          "train.warmup_steps=1", "train.lr=2e-4", "train.min_lr=2e-5", "train.eval_interval=0", "data.synthetic_docs=2000", "data.synthetic_valid_docs=100",
@@ -135,3 +135,53 @@ def test_parity_with_single_process(reference, data_cache, world_size, overrides
     assert got["weights"].keys() == reference["weights"].keys()
     for name, w in reference["weights"].items():
         assert_close(got["weights"][name], w, f"weight {name} after {STEPS} steps")
+
+
+def _vocab_ce_main(rank, world_size):
+    from megads.parallel.mesh import build_mesh as build
+    from megads.config import ParallelConfig
+    from megads.parallel.tensor import vocab_parallel_cross_entropy
+    mesh = build(ParallelConfig(tp=world_size))
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 12) * 5).requires_grad_()
+    targets = torch.tensor([0, 3, 5, 6, 11, 7])
+    shard = logits.detach().chunk(world_size, dim=1)[rank].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(shard, targets, rank * shard.shape[1], mesh.group("tp"))
+    weights = torch.arange(1.0, 7.0)
+    (loss * weights).sum().backward()
+    expected = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    (expected * weights).sum().backward()
+    return {"loss": (loss.detach(), expected.detach()),
+            "grad": (shard.grad, logits.grad.chunk(world_size, dim=1)[rank])}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_vocab_parallel_cross_entropy(world_size):
+    for result in run_ranks(_vocab_ce_main, world_size):
+        loss, expected = result["loss"]
+        assert torch.allclose(loss, expected, rtol=1e-6, atol=1e-6)
+        grad, expected_grad = result["grad"]
+        assert torch.allclose(grad, expected_grad, rtol=1e-6, atol=1e-7)
+
+
+def _resume_main(rank, world_size, cache, run_root):
+    base = ["parallel.tp=2", "parallel.zero_stage=1", "train.lr=3e-3"]
+    data = None
+    states = {}
+    for name, plan in (("whole", [4]), ("split", [2, 4])):
+        for steps in plan:
+            cfg = make_config(cache, base + [f"train.steps={steps}", f"train.run_dir={run_root}/{name}"], world_size)
+            data = data or prepare_data(cfg.data, cfg.model.vocab_size)
+            trainer = Trainer(cfg, data, build_mesh(cfg.parallel))
+            trainer.fit()
+        states[name] = trainer.model.state_dict()
+    return all(torch.equal(states["whole"][k], states["split"][k]) for k in states["whole"]), trainer.step
+
+
+def test_resume_dp2_tp2_is_bitwise(tmp_path, data_cache):
+    import json
+    results = run_ranks(_resume_main, 4, args=(data_cache, str(tmp_path)), timeout=600)
+    assert results == [(True, 4)] * 4
+    read = lambda name: [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "mfu", "memory_gib")}
+                         for line in open(tmp_path / name / "metrics.jsonl")]
+    assert read("whole") == read("split")

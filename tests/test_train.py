@@ -12,7 +12,7 @@ from megads.config import load_config
 from megads.data import prepare_data
 from megads.train.trainer import NonFiniteError, Trainer
 
-SMALL = ["model.hidden_size=64", "model.num_layers=3", "model.intermediate_size=128", "model.moe_intermediate_size=32",
+SMALL = ["parallel.tp=1", "model.hidden_size=64", "model.num_layers=3", "model.intermediate_size=128", "model.moe_intermediate_size=32",
          "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
          "model.v_head_dim=16", "train.seq_len=32", "train.global_batch=4", "train.micro_batch=2",
          "train.log_interval=1", "train.eval_interval=2", "train.eval_batches=1", "data.synthetic_docs=2000",
@@ -121,19 +121,23 @@ def test_consecutive_nonfinite_steps_stop_training(tmp_path, data_cache):
 ])
 def test_bad_input_writes_nothing(tmp_path, capsys, override, setting):
     run_dir = tmp_path / "run"
-    code = pretrain.main(["configs/tiny.yaml", f"train.run_dir={run_dir}", *override.split()])
+    code = pretrain.main(["configs/tiny.yaml", "parallel.tp=1", f"train.run_dir={run_dir}", *override.split()])
     err = capsys.readouterr().err.strip()
     assert code == 2 and setting in err and len(err.splitlines()) == 1
     assert not run_dir.exists()
 
 
 def test_demo_learns(tmp_path):
-    """The README's demo command, end to end through the launcher: the held-out loss halves."""
+    """The README's demo command (4 ranks, DP=2 x TP=2), end to end through the launcher: the
+    held-out loss halves, and only rank 0 writes metrics."""
     run_dir = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "launch/run.py", "pretrain", "configs/tiny.yaml", f"train.run_dir={run_dir}",
+    proc = subprocess.run([sys.executable, "launch/run.py", "--nproc-per-node", "4", "pretrain", "configs/tiny.yaml",
+                           f"train.run_dir={run_dir}",
                            f"data.cache_dir={tmp_path / 'cache'}"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run directory: {run_dir}" in proc.stdout
-    valid = [r["valid_loss"] for r in read_metrics(run_dir) if "valid_loss" in r]
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 201))      # one line per step, one writer
+    valid = [r["valid_loss"] for r in rows if "valid_loss" in r]
     assert valid[-1] <= 0.5 * valid[0], valid
     assert os.path.exists(run_dir / "checkpoints" / "latest")
