@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from megads.config import ConfigError, load_config
 from megads.data import prepare_data
-from megads.parallel.mesh import build_mesh
+from megads.parallel.data import deepspeed_config
+from megads.parallel.mesh import Mesh, build_mesh
 from megads.train.trainer import NonFiniteError, Trainer
 
 log = logging.getLogger("megads")
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("megads").setLevel(logging.WARNING)
     try:
         cfg = load_config(argv[0], argv[1:]).validate(world_size=world_size)
+        if cfg.parallel.deepspeed_config:
+            p = cfg.parallel
+            deepspeed_config(cfg, Mesh(world_size, tp=p.tp, pp=p.pp, dp=world_size // (p.tp * p.pp)))
         data = prepare_data(cfg.data, cfg.model.vocab_size)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         if rank == 0:

@@ -185,3 +185,24 @@ def test_resume_dp2_tp2_is_bitwise(tmp_path, data_cache):
     read = lambda name: [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "mfu", "memory_gib")}
                          for line in open(tmp_path / name / "metrics.jsonl")]
     assert read("whole") == read("split")
+
+
+def test_deepspeed_config_merges_user_json(tmp_path):
+    import json
+    from megads.config import ConfigError
+    from megads.parallel.data import deepspeed_config
+    from megads.parallel.mesh import Mesh
+    extra = tmp_path / "ds.json"
+    extra.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000, "stage": 2}, "comms_logger": {"enabled": True}}))
+    cfg = load_config("configs/tiny.yaml", [f"parallel.deepspeed_config={extra}", "parallel.zero_stage=2"])
+    generated = deepspeed_config(cfg, Mesh(world_size=4, tp=2, dp=2))
+    assert generated["zero_optimization"] == {"stage": 2, "overlap_comm": False, "contiguous_gradients": False,
+                                              "reduce_bucket_size": 1000}
+    assert generated["comms_logger"] == {"enabled": True}
+    assert generated["train_batch_size"] == 16 and generated["gradient_accumulation_steps"] == 1
+    extra.write_text(json.dumps({"gradient_clipping": 5.0}))
+    with pytest.raises(ConfigError, match="gradient_clipping=5.0, which megads controls"):
+        deepspeed_config(cfg, Mesh(world_size=4, tp=2, dp=2))
+    extra.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="zero_optimization.stage=3"):
+        deepspeed_config(cfg, Mesh(world_size=4, tp=2, dp=2))
