@@ -4,9 +4,11 @@ Each case trains 3 optimizer steps in fp32 on CPU ranks over gloo and compares, 
 single-process run on the same global batches: the per-step losses and gradient norms, the
 full gradients of the first step, and every updated weight and router bias.
 
-The learning rate is small (2e-4): Adam divides each gradient element by its own magnitude, so
-an element whose gradient is near zero turns float32 rounding of the reductions into a weight
-difference of order lr x (its relative rounding); a wrong gradient still moves weights by ~lr.
+Adam divides each gradient element by its own magnitude, so an element whose gradient is near
+zero turns float32 rounding of the reductions (absolute size ~1e-7 x the largest gradient) into
+a weight difference of up to lr x its relative rounding. The test therefore uses lr 2e-4 and
+Adam eps 1e-6, which bounds that amplification to lr x rounding / eps (~1e-8); a wrong gradient
+still moves weights by ~lr, a hundred times the tolerance.
 """
 import pytest
 import torch
@@ -18,6 +20,7 @@ from megads.data import BatchLoader, PackedSequences, prepare_data
 from megads.model.deepseek_v3 import DeepSeekV3
 from megads.model.moe import balance_loss_scale
 from megads.parallel.mesh import build_mesh
+from megads.parallel.expert import parallelize_experts
 from megads.parallel.tensor import parallelize_tensor
 from megads.train.trainer import Trainer
 
@@ -25,7 +28,7 @@ STEPS = 3
 SMALL = ["parallel.tp=1", "model.hidden_size=64", "model.num_layers=3", "model.intermediate_size=128", "model.moe_intermediate_size=32",
          "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
          "model.v_head_dim=16", "model.mtp_depth=1", "train.seq_len=32", "train.global_batch=8", "train.micro_batch=2",
-         "train.warmup_steps=1", "train.lr=2e-4", "train.min_lr=2e-5", "train.eval_interval=0", "data.synthetic_docs=2000", "data.synthetic_valid_docs=100",
+         "train.warmup_steps=1", "train.lr=2e-4", "train.min_lr=2e-5", "train.eps=1e-6", "train.eval_interval=0", "data.synthetic_docs=2000", "data.synthetic_valid_docs=100",
          "train.seq_aux_alpha=0.01", "train.bias_update_speed=0.01"]
 
 
@@ -33,34 +36,31 @@ def make_config(cache, overrides, world_size):
     return load_config("configs/tiny.yaml", SMALL + [f"data.cache_dir={cache}", *overrides]).validate(world_size)
 
 
-def full_tensors(model, mesh) -> dict:
-    """name -> the full (unsharded) tensor, gathered over TP."""
-    out = {}
-    for name, tensor in list(model.state_dict().items()):
-        param = dict(model.named_parameters()).get(name)
-        dim = getattr(param, "partition_dim", None)
-        if dim is not None and mesh.tp > 1:
-            parts = [torch.empty_like(tensor) for _ in range(mesh.tp)]
-            dist.all_gather(parts, tensor.contiguous(), group=mesh.group("tp"))
+def unshard(tensor, param, mesh):
+    """The full tensor of a TP or EP shard (gathered along its split dimension)."""
+    for flag, group, dim in (("partition_dim", "tp", getattr(param, "partition_dim", 0)), ("expert_parallel", "ep", 0)):
+        if getattr(param, flag, None) is not None and mesh.size(group) > 1:
+            parts = [torch.empty_like(tensor) for _ in range(mesh.size(group))]
+            dist.all_gather(parts, tensor.contiguous(), group=mesh.group(group))
             tensor = torch.cat(parts, dim=dim)
-        out[name] = tensor.detach().clone()
-    return out
+    return tensor
+
+
+def canonical(name):
+    """Names without the expert-parallel wrapper's `.local`."""
+    return name.replace("experts.local.", "experts.")
+
+
+def full_tensors(model, mesh) -> dict:
+    params = dict(model.named_parameters())
+    return {canonical(name): unshard(t, params.get(name), mesh).detach().clone() for name, t in model.state_dict().items()}
 
 
 def full_gradients(model, mesh) -> dict:
-    grads = {}
-    for name, p in model.named_parameters():
-        g = p.grad.clone()
-        if mesh.group("dp") is not None:
-            dist.all_reduce(g, group=mesh.group("dp"))
-            g /= mesh.dp
-        dim = getattr(p, "partition_dim", None)
-        if dim is not None and mesh.tp > 1:
-            parts = [torch.empty_like(g) for _ in range(mesh.tp)]
-            dist.all_gather(parts, g, group=mesh.group("tp"))
-            g = torch.cat(parts, dim=dim)
-        grads[name] = g
-    return grads
+    from megads.parallel.data import average_gradients
+    named = [(n, p) for n, p in model.named_parameters()]
+    average_gradients(named, mesh)
+    return {canonical(name): unshard(p.grad, p, mesh) for name, p in named}
 
 
 def first_step_gradients(cfg, data, mesh) -> dict:
@@ -69,6 +69,7 @@ def first_step_gradients(cfg, data, mesh) -> dict:
     model = DeepSeekV3(cfg.model)
     model.init_weights()
     parallelize_tensor(model, mesh, cfg.parallel.sequence_parallel)
+    parallelize_experts(model, mesh, cfg.parallel.sequence_parallel)
     for moe in model.moe_layers():
         moe.balance_alpha = cfg.train.seq_aux_alpha
     t = cfg.train
@@ -119,7 +120,14 @@ def assert_close(actual, expected, what, rel=1e-5):
     (2, ["parallel.zero_stage=2"]),
     (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
     (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2"]),
-], ids=["tp2", "tp2-sp", "dp2-zero1", "dp2-zero2", "dp2xtp2", "dp2xtp2-sp-zero2"])
+    (2, ["parallel.ep=2", "parallel.zero_stage=0"]),
+    (4, ["parallel.ep=4", "parallel.zero_stage=0"]),
+    (4, ["parallel.ep=2", "parallel.zero_stage=0"]),
+    (2, ["parallel.ep=2", "parallel.tp=2"]),
+    (4, ["parallel.ep=2", "parallel.tp=2", "parallel.zero_stage=0"]),
+    (4, ["parallel.ep=4", "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=0"]),
+], ids=["tp2", "tp2-sp", "dp2-zero1", "dp2-zero2", "dp2xtp2", "dp2xtp2-sp-zero2", "ep2", "ep4-dp4", "ep2-dp4",
+        "ep2xtp2", "ep2xtp2-dp2", "ep4xtp2-sp"])
 def test_parity_with_single_process(reference, data_cache, world_size, overrides):
     results = run_ranks(_rank_main, world_size, args=(data_cache, overrides), timeout=600)
     got = results[0]

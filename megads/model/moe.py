@@ -130,26 +130,33 @@ class MoE(nn.Module):
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
             if cfg.n_shared_experts > 0 else None
         self.balance_alpha = 0.0
-        self.reduce_sequence_stats: Callable[[torch.Tensor], torch.Tensor] | None = None   # set under SP
+        # Set by parallel wrappers: sum balance statistics over sequence shards; route only this rank's
+        # slice of TP-replicated tokens and gather the routed outputs back.
+        self.reduce_sequence_stats: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.split_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.merge_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
         # Tokens routed to each expert by this step's grad-enabled forwards (selection statistics).
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
         self.last_balance_loss = torch.zeros(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, d = x.shape
-        tokens = x.reshape(-1, d)
+        routed_in = self.split_tokens(x) if self.split_tokens is not None else x
+        b, s, d = routed_in.shape
+        tokens = routed_in.reshape(-1, d)
         expert_ids, weights, scores = self.gate(tokens)                           # [t, k], [t, k], [t, e]
         if torch.is_grad_enabled():
             self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.n_experts).float()
         out = self.route(tokens, expert_ids, weights).view(b, s, d)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
         if self.balance_alpha > 0:
             loss = sequence_balance_loss(scores.view(b, s, -1), expert_ids.view(b, s, -1), self.n_experts,
                                          self.balance_alpha, self.reduce_sequence_stats)
             self.last_balance_loss = loss.detach()
             if torch.is_grad_enabled():
                 out = _AttachLoss.apply(out, loss)
+        if self.merge_tokens is not None:
+            out = self.merge_tokens(out)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
         return out
 
     def route(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

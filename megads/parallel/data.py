@@ -36,17 +36,40 @@ def is_tensor_parallel(p: torch.Tensor) -> bool:
     return getattr(p, "tensor_model_parallel", False)
 
 
+def is_expert(p: torch.Tensor) -> bool:
+    return getattr(p, "expert_parallel", False)
+
+
 def global_grad_norm(named_params: list[tuple[str, nn.Parameter]], mesh: Mesh) -> torch.Tensor:
-    """2-norm over the whole model: TP shards summed over TP, replicated parameters counted
-    once, pipeline stages summed over PP (the model-parallel group)."""
+    """2-norm over the whole model, every parameter counted once: TP shards on all TP ranks,
+    replicated dense parameters on TP rank 0 (summed over TP x PP), expert shards on the first
+    rank of their expert-data-parallel group (summed over all ranks)."""
     device = named_params[0][1].device if named_params else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    dense = torch.zeros((), dtype=torch.float64, device=device)
+    experts = torch.zeros((), dtype=torch.float64, device=device)
     for _, p in named_params:
-        if p.grad is not None and (is_tensor_parallel(p) or mesh.tp_rank == 0):
-            total += p.grad.double().pow(2).sum()
+        if is_expert(p):
+            if mesh.edp_rank == 0:
+                experts += p.grad.double().pow(2).sum()
+        elif is_tensor_parallel(p) or mesh.tp_rank == 0:
+            dense += p.grad.double().pow(2).sum()
     if mesh.group("mp") is not None:
-        dist.all_reduce(total, group=mesh.group("mp"))
-    return total.sqrt()
+        dist.all_reduce(dense, group=mesh.group("mp"))
+    if mesh.ep > 1:
+        dist.all_reduce(experts)
+    return (dense + experts).sqrt()
+
+
+def average_gradients(named_params: list[tuple[str, nn.Parameter]], mesh: Mesh) -> None:
+    """Dense gradients: mean over DP. Expert gradients: sum over the expert-data-parallel
+    group / dp, since each expert already received the tokens of its whole EP group."""
+    dp_group, edp_group = mesh.group("dp"), mesh.group("edp")
+    for _, p in named_params:
+        group = edp_group if is_expert(p) else dp_group
+        if group is not None:
+            dist.all_reduce(p.grad, group=group)
+        if mesh.dp > 1:
+            p.grad.div_(mesh.dp)
 
 
 class LocalOptimizer:
@@ -58,11 +81,7 @@ class LocalOptimizer:
 
     def step(self) -> StepOutcome:
         named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
-        dp_group = self.mesh.group("dp")
-        if dp_group is not None:
-            for _, p in named:
-                dist.all_reduce(p.grad, group=dp_group)
-                p.grad.div_(self.mesh.dp)
+        average_gradients(named, self.mesh)
         norm = global_grad_norm(named, self.mesh)
         grad_norm = float(norm)
         if not math.isfinite(grad_norm):
@@ -210,7 +229,8 @@ class DeepSpeedOptimizer:
 
 
 def build_step_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, cfg: Config):
-    """DeepSpeed ZeRO when data parallel with zero_stage >= 1, else the local optimizer."""
+    """DeepSpeed ZeRO when data parallel with zero_stage >= 1, else the local optimizer
+    (config validation refuses ZeRO with expert parallelism until DeepSpeed owns expert groups)."""
     if mesh.dp > 1 and cfg.parallel.zero_stage >= 1:
         return DeepSpeedOptimizer(model, optimizer, mesh, cfg)
     return LocalOptimizer(model, optimizer, mesh, cfg.train.grad_clip)

@@ -195,7 +195,7 @@ def _to_row(linear: Linear, mesh: Mesh, output_op) -> None:
     linear.tp_group, linear.output_op = mesh.group("tp"), output_op
 
 
-def _reduce_grad_over_tp(param: nn.Parameter, group) -> None:
+def reduce_grad_over_tp(param: nn.Parameter, group) -> None:
     def hook(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
         dist.all_reduce(grad, group=group)
@@ -239,5 +239,5 @@ def parallelize_tensor(model: DeepSeekV3, mesh: Mesh, sequence_parallel: bool) -
     if sequence_parallel:
         for p in model.parameters():
             if id(p) not in sharded:
-                _reduce_grad_over_tp(p, group)
+                reduce_grad_over_tp(p, group)
     return model

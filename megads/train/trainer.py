@@ -17,6 +17,7 @@ from megads.data import BatchLoader, PackedSequences, PreparedData
 from megads.model.deepseek_v3 import DeepSeekV3
 from megads.model.moe import balance_loss_scale
 from megads.parallel.data import build_step_optimizer
+from megads.parallel.expert import parallelize_experts
 from megads.parallel.mesh import Mesh
 from megads.parallel.tensor import parallelize_tensor
 from megads.train.metrics import MetricsWriter, flops_per_token, format_duration, memory_gib, peak_flops
@@ -65,6 +66,7 @@ class Trainer:
         self.model = DeepSeekV3(cfg.model).to(self.device)
         self.model.init_weights()
         parallelize_tensor(self.model, self.mesh, cfg.parallel.sequence_parallel)
+        parallelize_experts(self.model, self.mesh, cfg.parallel.sequence_parallel)
         for moe in self.model.moe_layers():
             moe.balance_alpha = t.seq_aux_alpha
         self.optimizer = build_optimizer(self.model, t, self.device)

@@ -1,0 +1,140 @@
+"""Expert parallelism: routed experts sharded over the EP group, tokens exchanged all-to-all.
+
+EP rank r holds the experts [r * E/ep, (r+1) * E/ep) (global indices). The MoE layer sorts its
+token copies by global expert; `dispatch_tokens` sends each expert's rows to the rank that
+holds it, the local experts run as one grouped computation, and `combine_tokens` sends the
+results back in the original order (the MoE layer then applies the gate weights). Both
+directions are differentiable; splits are uneven and nothing is dropped.
+
+Under tensor parallelism without sequence parallelism the TP ranks hold the same tokens, so
+each one takes its own slice of the sequence before routing and the slices are gathered
+after (otherwise every token would reach its experts tp times).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megads.model.moe import GroupedExperts, MoE
+from megads.parallel.mesh import Mesh
+from megads.parallel.tensor import SEQ_DIM, reduce_from_tp, reduce_grad_over_tp
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; backward sends the gradients the reverse way."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group):
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        out = x.new_empty((sum(output_splits),) + x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        out = grad.new_empty((sum(input_splits),) + grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), input_splits, output_splits, group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+class ExpertParallelExperts(nn.Module):
+    """Stands where `GroupedExperts` stood in a MoE layer: same call, experts spread over EP.
+
+    `local` holds this rank's E/ep experts; calls take all rows sorted by global expert."""
+
+    def __init__(self, local: GroupedExperts, n_experts: int, mesh: Mesh):
+        super().__init__()
+        self.local = local
+        self.ep, self.ep_rank, self.group = mesh.ep, mesh.ep_rank, mesh.group("ep")
+        self.n_local = n_experts // mesh.ep
+        self.tokens_sent_off_rank = 0           # rows sent to other ranks by grad-enabled forwards
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [n, d] sorted by global expert, counts [E] -> [n, d] expert outputs, same order."""
+        received, local_counts, plan = self.dispatch_tokens(x, counts)
+        return self.combine_tokens(self.local(received, local_counts), plan)
+
+    def dispatch_tokens(self, x: torch.Tensor, counts: torch.Tensor):
+        """Send rows to their experts' ranks; returns rows grouped by local expert, the count per
+        local expert and the plan to send results back."""
+        send_counts = counts.view(self.ep, self.n_local)                       # [dest, local expert]
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.group)
+        recv_counts = recv_counts.view(self.ep, self.n_local)                  # [source, local expert]
+        send_splits, recv_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        if torch.is_grad_enabled():
+            self.tokens_sent_off_rank += sum(send_splits) - send_splits[self.ep_rank]
+        received = all_to_all(x, recv_splits, send_splits, self.group)      # ordered by (source, expert)
+        # Regroup expert-major: segment (source s, expert j) goes to position key j * ep + s.
+        keys = (torch.arange(self.n_local, device=x.device) * self.ep + torch.arange(self.ep, device=x.device)[:, None])
+        order = keys.flatten().repeat_interleave(recv_counts.flatten()).argsort(stable=True)
+        return received[order], recv_counts.sum(0), (order, send_splits, recv_splits)
+
+    def combine_tokens(self, y: torch.Tensor, plan) -> torch.Tensor:
+        """Undo `dispatch_tokens` for the expert outputs y (rows grouped by local expert)."""
+        order, send_splits, recv_splits = plan
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return all_to_all(y[inverse], send_splits, recv_splits, self.group)
+
+
+class _SplitSequence(torch.autograd.Function):
+    """Keep this TP rank's slice of a TP-replicated tensor; gradients are all-gathered back."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        return x.chunk(size, dim=SEQ_DIM)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.group), None
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Concatenate the TP ranks' slices into the replicated tensor; each rank keeps its gradient slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return grad.chunk(size, dim=SEQ_DIM)[rank].contiguous(), None
+
+
+def _gather(x: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=SEQ_DIM)
+
+
+def parallelize_experts(model: nn.Module, mesh: Mesh, sequence_parallel: bool) -> None:
+    """Keep this EP rank's experts in every MoE layer (in place) and route through all-to-all."""
+    if mesh.ep == 1:
+        return
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        experts = moe.experts
+        lo = mesh.ep_rank * moe.n_experts // mesh.ep
+        hi = lo + moe.n_experts // mesh.ep
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            shard = nn.Parameter(getattr(experts, name).detach()[lo:hi].clone())
+            shard.expert_parallel = True
+            shard.expert_offset = lo                   # global index of the first local expert
+            setattr(experts, name, shard)
+        moe.experts = ExpertParallelExperts(experts, moe.n_experts, mesh)
+        if mesh.tp > 1 and not sequence_parallel:
+            group = mesh.group("tp")
+            moe.split_tokens = lambda x, g=group: _SplitSequence.apply(x, g)
+            moe.merge_tokens = lambda x, g=group: _GatherSequence.apply(x, g)
+            moe.reduce_sequence_stats = lambda x, g=group: reduce_from_tp(x, g)
+            reduce_grad_over_tp(moe.gate.weight, group)       # the router now sees this rank's slice only
