@@ -58,7 +58,12 @@ class DeepSeekV3(nn.Module):
                 module.e_score_correction_bias.zero_()
 
     def moe_layers(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
+        return [m for _, m in self.named_moe_layers()]
+
+    def named_moe_layers(self) -> list[tuple[str, MoE]]:
+        """("layers.3", moe), ..., ("mtp.0", moe): each MoE block by the layer that holds it."""
+        return [(name.rsplit(".mlp", 1)[0].replace(".layer", ""), m) for name, m in self.named_modules()
+                if isinstance(m, MoE)]
 
     def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (seq_len, device)

@@ -81,7 +81,8 @@ class MetricsWriter:
         with open(self.path, "w") as f:
             f.writelines(kept)
 
-    def write(self, record: dict, prefix: str = "train") -> None:
+    def write(self, record: dict, prefix: str = "train", histograms: dict | None = None) -> None:
+        """Append `record` to metrics.jsonl; its numbers (and any `histograms`) go to TensorBoard."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
@@ -90,6 +91,8 @@ class MetricsWriter:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self._tb.add_scalar(f"{prefix}/{key}", value, step)
+        for key, values in (histograms or {}).items():
+            self._tb.add_histogram(f"{prefix}/{key}", values, step)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -40,6 +40,8 @@ class StepResult:
     max_load_ratio: float       # max over MoE layers of max expert load / mean load
     skipped: bool
     bad_tensor: str | None = None
+    loads: dict | None = None   # MoE layer name -> tokens per expert this step (summed over the stage)
+    tokens_off_rank: int = 0    # token copies the expert all-to-all sent to other ranks
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -119,7 +121,21 @@ class Trainer:
             moe.expert_load.zero_()
         bad = None if applied else "loss" if outcome is None else outcome.bad_tensor
         grad_norm = outcome.grad_norm if outcome is not None else float("nan")
-        return StepResult(loss, lm_loss, mtp_loss, balance_loss, grad_norm, load_ratio, not applied, bad)
+        names = [name for name, _ in model.named_moe_layers()]
+        return StepResult(loss, lm_loss, mtp_loss, balance_loss, grad_norm, load_ratio, not applied, bad,
+                          dict(zip(names, [load.cpu() for load in loads])), self.tokens_sent_off_rank())
+
+    def tokens_sent_off_rank(self) -> int:
+        """Token copies sent to other EP ranks this step, summed over all ranks (and reset)."""
+        sent = 0
+        for moe in self.model.moe_layers():
+            sent += getattr(moe.experts, "tokens_sent_off_rank", 0)
+            if hasattr(moe.experts, "tokens_sent_off_rank"):
+                moe.experts.tokens_sent_off_rank = 0
+        total = torch.tensor(float(sent), device=self.device)
+        if self.mesh.ep > 1:
+            dist.all_reduce(total)
+        return int(total.item())
 
     def mean_over_dp(self, values: torch.Tensor) -> torch.Tensor:
         """Average per-rank statistics over data-parallel ranks (TP ranks already agree)."""
@@ -206,6 +222,12 @@ class Trainer:
                       "tokens_per_s": tokens_per_step / elapsed,
                       "mfu": tokens_per_step * self.flops_per_token / elapsed / self.peak_flops,
                       "max_load_ratio": result.max_load_ratio, "memory_gib": memory_gib(self.device), "skipped": result.skipped}
+            for name, load in (result.loads or {}).items():
+                if load.sum() > 0:
+                    record[f"load/{name}/max_mean"] = (load.max() / load.mean()).item()
+                    record[f"load/{name}/min_mean"] = (load.min() / load.mean()).item()
+            if self.mesh.ep > 1:
+                record["tokens_off_rank"] = result.tokens_off_rank
             if result.skipped:
                 self.nonfinite_streak += 1
                 log.warning(f"step {self.step}: non-finite {result.bad_tensor} (loss {result.loss}, grad norm "
@@ -219,7 +241,7 @@ class Trainer:
                 self.nonfinite_streak = 0
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
                 record["valid_loss"] = self.evaluate()
-            metrics.write(record)
+            metrics.write(record, histograms={f"load/{name}": load for name, load in (result.loads or {}).items()})
             if self.step % t.log_interval == 0 or self.step == t.steps:
                 rate = (time.perf_counter() - started) / (self.step - start_step)
                 valid = f" | valid {record['valid_loss']:.4f}" if "valid_loss" in record else ""
