@@ -346,9 +346,6 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world_
     _require(world_size % (p.tp * p.pp) == 0,
              f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp} = {p.tp * p.pp}")
     dp = world_size // (p.tp * p.pp)
-    _require(p.ep == 1 or dp == 1 or p.zero_stage == 0,
-             f"parallel.ep={p.ep} with dp={dp} needs parallel.zero_stage=0 for now (expert gradients are reduced "
-             f"over the expert-data-parallel group by megads, not yet by DeepSpeed ZeRO)")
     _require(p.ep == 1 or p.tp == 1 or p.sequence_parallel or t.seq_len % p.tp == 0,
              f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}: with parallel.ep > 1 each TP rank "
              f"routes its own slice of the sequence")

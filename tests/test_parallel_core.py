@@ -120,14 +120,15 @@ def assert_close(actual, expected, what, rel=1e-5):
     (2, ["parallel.zero_stage=2"]),
     (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
     (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2"]),
-    (2, ["parallel.ep=2", "parallel.zero_stage=0"]),
-    (4, ["parallel.ep=4", "parallel.zero_stage=0"]),
+    (2, ["parallel.ep=2", "parallel.zero_stage=1"]),
+    (4, ["parallel.ep=4", "parallel.zero_stage=1"]),
+    (4, ["parallel.ep=2", "parallel.zero_stage=2"]),
     (4, ["parallel.ep=2", "parallel.zero_stage=0"]),
     (2, ["parallel.ep=2", "parallel.tp=2"]),
-    (4, ["parallel.ep=2", "parallel.tp=2", "parallel.zero_stage=0"]),
-    (4, ["parallel.ep=4", "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=0"]),
-], ids=["tp2", "tp2-sp", "dp2-zero1", "dp2-zero2", "dp2xtp2", "dp2xtp2-sp-zero2", "ep2", "ep4-dp4", "ep2-dp4",
-        "ep2xtp2", "ep2xtp2-dp2", "ep4xtp2-sp"])
+    (4, ["parallel.ep=2", "parallel.tp=2", "parallel.zero_stage=1"]),
+    (4, ["parallel.ep=4", "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2"]),
+], ids=["tp2", "tp2-sp", "dp2-zero1", "dp2-zero2", "dp2xtp2", "dp2xtp2-sp-zero2", "ep2-zero1", "ep4-dp4-zero1",
+        "ep2-dp4-zero2", "ep2-dp4-allreduce", "ep2xtp2", "ep2xtp2-dp2-zero1", "ep4xtp2-sp-zero2"])
 def test_parity_with_single_process(reference, data_cache, world_size, overrides):
     results = run_ranks(_rank_main, world_size, args=(data_cache, overrides), timeout=600)
     got = results[0]
@@ -204,7 +205,7 @@ def test_deepspeed_config_merges_user_json(tmp_path):
     extra.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000, "stage": 2}, "comms_logger": {"enabled": True}}))
     cfg = load_config("configs/tiny.yaml", [f"parallel.deepspeed_config={extra}", "parallel.zero_stage=2"])
     generated = deepspeed_config(cfg, Mesh(world_size=4, tp=2, dp=2))
-    assert generated["zero_optimization"] == {"stage": 2, "overlap_comm": False, "contiguous_gradients": False,
+    assert generated["zero_optimization"] == {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
                                               "reduce_bucket_size": 1000}
     assert generated["comms_logger"] == {"enabled": True}
     assert generated["train_batch_size"] == 16 and generated["gradient_accumulation_steps"] == 1

@@ -139,6 +139,11 @@ class MoE(nn.Module):
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
         self.last_balance_loss = torch.zeros(())
 
+    @property
+    def num_experts(self) -> int:
+        """Routed experts (the name DeepSpeed's engine reads when it takes over expert gradients)."""
+        return self.n_experts
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routed_in = self.split_tokens(x) if self.split_tokens is not None else x
         b, s, d = routed_in.shape

@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from megads.config import Config, ConfigError
+from megads.model.moe import MoE
 from megads.parallel.mesh import Mesh
 
 
@@ -174,7 +176,7 @@ def deepspeed_config(cfg: Config, mesh: Mesh) -> dict:
         "managed_gradient_accumulation": False,      # megads' loop (or pipeline schedule) owns the boundary
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage, "overlap_comm": False,
-                              "contiguous_gradients": False},
+                              "contiguous_gradients": True},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2 ** 62,
         "wall_clock_breakdown": False,
@@ -198,13 +200,46 @@ def _merge(base: dict, extra: dict, prefix: str) -> None:
         base[key] = value
 
 
+def register_expert_groups(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh) -> bool:
+    """Hand megads' expert parallelism to DeepSpeed's MoE bookkeeping; True if the model has experts.
+
+    DeepSpeed's ZeRO reduces and partitions a parameter over its expert-data-parallel group when
+    the parameter has `allreduce=False` and a `group_name` registered in `deepspeed.utils.groups`,
+    and the optimizer group holding it is marked `moe`. Its gradient is divided by dp before the
+    sum over that group: exactly megads' expert gradient (sum over EDP / dp). `model_parallel`
+    makes every TP rank count its expert shards in the global norm (they are distinct experts).
+    """
+    from deepspeed.utils import groups
+    experts = [p for p in model.parameters() if is_expert(p)]
+    if not experts:
+        return False
+    name = f"ep_size_{mesh.ep}"
+    groups._EXPERT_PARALLEL_GROUP[name] = mesh.process_group("ep")
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = mesh.ranks["ep"]
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = mesh.process_group("edp")
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = mesh.ranks["edp"]
+    for p in experts:
+        p.allreduce, p.group_name, p.model_parallel = False, name, True
+    for group in optimizer.param_groups:
+        if group.get("expert"):
+            group.update(moe=True, name=name)
+    return True
+
+
 class DeepSpeedOptimizer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, cfg: Config):
         import deepspeed
+        from deepspeed.moe.layer import MoE as DeepSpeedMoE
+        from deepspeed.runtime import engine as ds_engine
         self.mesh = mesh
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, mesh), mpu=MeshMPU(mesh),
-            dist_init_required=False)
+        has_experts = register_expert_groups(model, optimizer, mesh)
+        # DeepSpeed switches its MoE handling on when it finds its own MoE class in the model;
+        # megads' MoE layer stands in for it while the engine is built.
+        moe_classes = (DeepSpeedMoE, MoE) if has_experts else DeepSpeedMoE
+        with mock.patch.object(ds_engine, "MoE", moe_classes):
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=deepspeed_config(cfg, mesh), mpu=MeshMPU(mesh),
+                dist_init_required=False)
         self.base_optimizer = optimizer
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -229,8 +264,7 @@ class DeepSpeedOptimizer:
 
 
 def build_step_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, cfg: Config):
-    """DeepSpeed ZeRO when data parallel with zero_stage >= 1, else the local optimizer
-    (config validation refuses ZeRO with expert parallelism until DeepSpeed owns expert groups)."""
+    """DeepSpeed ZeRO when data parallel with zero_stage >= 1, else the local optimizer."""
     if mesh.dp > 1 and cfg.parallel.zero_stage >= 1:
         return DeepSpeedOptimizer(model, optimizer, mesh, cfg)
     return LocalOptimizer(model, optimizer, mesh, cfg.train.grad_clip)

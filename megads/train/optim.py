@@ -9,12 +9,14 @@ from megads.config import TrainConfig, lr_at
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW(betas, eps); weight decay on parameters with >= 2 dims (norm weights are exempt).
-    Fused on CUDA, foreach elsewhere."""
-    decay, no_decay = [], []
+    Expert-parallel parameters get groups of their own (`expert: True`), so that data parallelism
+    can reduce and partition them over the expert-data-parallel group. Fused on CUDA, foreach elsewhere."""
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            buckets.setdefault((p.dim() >= 2, getattr(p, "expert_parallel", False)), []).append(p)
+    groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "expert": expert}
+              for (decay, expert), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=lr_at(cfg, 0), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=fused, foreach=None if fused else True)
