@@ -339,6 +339,9 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world_
     if m.n_moe_layers > 0:
         _require(m.n_routed_experts % p.ep == 0,
                  f"model.n_routed_experts={m.n_routed_experts} is not divisible by parallel.ep={p.ep}")
+        _require(p.ep % m.n_group == 0 or m.n_group % p.ep == 0,
+                 f"model.n_group={m.n_group} does not fit parallel.ep={p.ep}: node-limited routing lays each expert "
+                 f"group onto a block of EP ranks, so n_group must divide ep or be a multiple of it")
     if p.deepspeed_config is not None:
         _require(os.path.exists(p.deepspeed_config), f"parallel.deepspeed_config: {p.deepspeed_config} does not exist")
     if world_size is None:

@@ -40,6 +40,13 @@ def test_layout_checks_name_both_numbers():
     cfg.validate(world_size=8)
 
 
+def test_expert_groups_must_fit_the_ep_ranks():
+    cfg = load_config("configs/tiny.yaml", ["model.n_routed_experts=12", "model.n_group=4", "parallel.ep=3",
+                                            "parallel.tp=1"])
+    with pytest.raises(ConfigError, match="model.n_group=4 does not fit parallel.ep=3"):
+        cfg.validate(world_size=3)
+
+
 def test_published_configs_validate():
     load_config("configs/v3-671b.yaml").validate(world_size=2048)
     load_config("configs/v3-16b.yaml").validate(world_size=8)

@@ -128,11 +128,11 @@ def test_bad_input_writes_nothing(tmp_path, capsys, override, setting):
 
 
 def test_demo_learns(tmp_path):
-    """The README's demo command (4 ranks, DP=2 x TP=2), end to end through the launcher: the
-    held-out loss halves, and only rank 0 writes metrics."""
+    """The README's demo command (4 ranks, DP=2 x TP=2 with EP=2), end to end through the launcher:
+    the held-out loss halves, and only rank 0 writes metrics."""
     run_dir = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "launch/run.py", "--nproc-per-node", "4", "pretrain", "configs/tiny.yaml",
-                           f"train.run_dir={run_dir}",
+                           "parallel.ep=2", f"train.run_dir={run_dir}",
                            f"data.cache_dir={tmp_path / 'cache'}"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run directory: {run_dir}" in proc.stdout
@@ -141,3 +141,4 @@ def test_demo_learns(tmp_path):
     valid = [r["valid_loss"] for r in rows if "valid_loss" in r]
     assert valid[-1] <= 0.5 * valid[0], valid
     assert os.path.exists(run_dir / "checkpoints" / "latest")
+    assert all(r["max_nodes_per_token"] <= 2 and r["tokens_off_rank"] > 0 for r in rows if "loss" in r)

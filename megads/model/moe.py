@@ -48,6 +48,36 @@ def grouped_linear_loop(x: torch.Tensor, weight: torch.Tensor, counts: torch.Ten
     return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
 
 
+def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """torch._grouped_mm needs bf16 on Hopper (fp32 or bf16 on CPU) and 16-byte-aligned rows."""
+    if x.shape[0] == 0:
+        return False
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
+            return False
+    elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    row_bytes = x.element_size()
+    return (x.shape[1] * row_bytes) % 16 == 0 and (weight.shape[1] * row_bytes) % 16 == 0
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per-expert x_e @ W_e^T as one grouped GEMM where the device and shapes allow, else a loop.
+    x [n, in] sorted by expert, weight [e, out, in], counts [e] -> [n, out]."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    elif weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    if not _grouped_mm_supported(x, weight):
+        return grouped_linear_loop(x, weight, counts)
+    offsets = counts.cumsum(0).to(torch.int32)
+    out = torch._grouped_mm(x.contiguous(), weight.transpose(-2, -1), offs=offsets)
+    if out.requires_grad:
+        out.register_hook(torch.Tensor.contiguous)        # its backward refuses broadcast (stride-0) gradients
+    return out
+
+
 class GroupedExperts(nn.Module):
     """All routed experts' SwiGLU weights as 3-D tensors [experts, out, in].
 
@@ -60,7 +90,7 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
-        self.grouped_gemm = grouped_linear_loop
+        self.grouped_gemm = grouped_linear
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [n, d] sorted by expert, counts [e] -> [n, d]."""

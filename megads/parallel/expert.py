@@ -6,6 +6,11 @@ holds it, the local experts run as one grouped computation, and `combine_tokens`
 results back in the original order (the MoE layer then applies the gate weights). Both
 directions are differentiable; splits are uneven and nothing is dropped.
 
+Node-limited routing (DeepSeek-V3: each token reaches at most 4 nodes): the router's expert
+groups are laid onto the EP ranks, so that a group lives on one block of ep / n_group ranks
+(a "node") or a rank holds whole groups. Group-limited top-k then bounds the nodes a token is
+sent to by topk_group; `max_nodes_per_token` records the bound as it happened.
+
 Under tensor parallelism without sequence parallelism the TP ranks hold the same tokens, so
 each one takes its own slice of the sequence before routing and the slices are gathered
 after (otherwise every token would reach its experts tp times).
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from megads.model.moe import GroupedExperts, MoE
@@ -48,12 +54,26 @@ class ExpertParallelExperts(nn.Module):
 
     `local` holds this rank's E/ep experts; calls take all rows sorted by global expert."""
 
-    def __init__(self, local: GroupedExperts, n_experts: int, mesh: Mesh):
+    def __init__(self, local: GroupedExperts, n_experts: int, n_group: int, mesh: Mesh):
         super().__init__()
         self.local = local
         self.ep, self.ep_rank, self.group = mesh.ep, mesh.ep_rank, mesh.group("ep")
         self.n_local = n_experts // mesh.ep
+        ranks_per_node = mesh.ep // n_group if mesh.ep % n_group == 0 else 1
+        self.experts_per_node = self.n_local * ranks_per_node
         self.tokens_sent_off_rank = 0           # rows sent to other ranks by grad-enabled forwards
+        self.max_nodes_per_token = torch.zeros((), dtype=torch.int64)  # since the last reset
+
+    def count_nodes(self, expert_ids: torch.Tensor) -> None:
+        """Record the most nodes (blocks of EP ranks) any token of `expert_ids` [t, k] is sent to
+        by a grad-enabled forward."""
+        if not torch.is_grad_enabled():
+            return
+        nodes = expert_ids // self.experts_per_node
+        n_nodes = self.ep * self.n_local // self.experts_per_node
+        per_token = F.one_hot(nodes, n_nodes).amax(1).sum(-1)                   # [t]
+        if per_token.numel():
+            self.max_nodes_per_token = torch.maximum(self.max_nodes_per_token.to(per_token.device), per_token.max())
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [n, d] sorted by global expert, counts [E] -> [n, d] expert outputs, same order."""
@@ -131,7 +151,8 @@ def parallelize_experts(model: nn.Module, mesh: Mesh, sequence_parallel: bool) -
             shard.expert_parallel = True
             shard.expert_offset = lo                   # global index of the first local expert
             setattr(experts, name, shard)
-        moe.experts = ExpertParallelExperts(experts, moe.n_experts, mesh)
+        moe.experts = ExpertParallelExperts(experts, moe.n_experts, moe.gate.n_group, mesh)
+        moe.gate.register_forward_hook(lambda _, __, out, ep=moe.experts: ep.count_nodes(out[0]))
         if mesh.tp > 1 and not sequence_parallel:
             group = mesh.group("tp")
             moe.split_tokens = lambda x, g=group: _SplitSequence.apply(x, g)

@@ -42,6 +42,7 @@ class StepResult:
     bad_tensor: str | None = None
     loads: dict | None = None   # MoE layer name -> tokens per expert this step (summed over the stage)
     tokens_off_rank: int = 0    # token copies the expert all-to-all sent to other ranks
+    max_nodes_per_token: int = 0  # the most EP nodes one token was sent to (node-limited routing)
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -123,19 +124,24 @@ class Trainer:
         grad_norm = outcome.grad_norm if outcome is not None else float("nan")
         names = [name for name, _ in model.named_moe_layers()]
         return StepResult(loss, lm_loss, mtp_loss, balance_loss, grad_norm, load_ratio, not applied, bad,
-                          dict(zip(names, [load.cpu() for load in loads])), self.tokens_sent_off_rank())
+                          dict(zip(names, [load.cpu() for load in loads])), *self.routing_traffic())
 
-    def tokens_sent_off_rank(self) -> int:
-        """Token copies sent to other EP ranks this step, summed over all ranks (and reset)."""
-        sent = 0
+    def routing_traffic(self) -> tuple[int, int]:
+        """Token copies sent to other EP ranks this step (summed over all ranks) and the most EP
+        nodes one token was sent to (max over layers and ranks); both counters are reset."""
+        sent, nodes = 0, 0
         for moe in self.model.moe_layers():
-            sent += getattr(moe.experts, "tokens_sent_off_rank", 0)
-            if hasattr(moe.experts, "tokens_sent_off_rank"):
-                moe.experts.tokens_sent_off_rank = 0
-        total = torch.tensor(float(sent), device=self.device)
+            experts = moe.experts
+            if hasattr(experts, "tokens_sent_off_rank"):
+                sent += experts.tokens_sent_off_rank
+                nodes = max(nodes, int(experts.max_nodes_per_token))
+                experts.tokens_sent_off_rank = 0
+                experts.max_nodes_per_token.zero_()
+        totals = torch.tensor([float(sent), float(nodes)], device=self.device)
         if self.mesh.ep > 1:
-            dist.all_reduce(total)
-        return int(total.item())
+            dist.all_reduce(totals[:1])
+            dist.all_reduce(totals[1:], op=dist.ReduceOp.MAX)
+        return int(totals[0].item()), int(totals[1].item())
 
     def mean_over_dp(self, values: torch.Tensor) -> torch.Tensor:
         """Average per-rank statistics over data-parallel ranks (TP ranks already agree)."""
@@ -228,6 +234,7 @@ class Trainer:
                     record[f"load/{name}/min_mean"] = (load.min() / load.mean()).item()
             if self.mesh.ep > 1:
                 record["tokens_off_rank"] = result.tokens_off_rank
+                record["max_nodes_per_token"] = result.max_nodes_per_token
             if result.skipped:
                 self.nonfinite_streak += 1
                 log.warning(f"step {self.step}: non-finite {result.bad_tensor} (loss {result.loss}, grad norm "
