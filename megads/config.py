@@ -73,6 +73,7 @@ class ParallelConfig:
     ep: int = 1
     sequence_parallel: bool = False
     pipeline_schedule: str = "1f1b"        # 1f1b | dualpipe | dualpipev
+    pipeline_layout: str | None = None     # stages split by '|', e.g. "Ett|tt|tt|ttLm"; default: even split
     zero_stage: int = 1
     deepspeed_config: str | None = None    # extra DeepSpeed JSON merged into the generated one
 
@@ -125,9 +126,10 @@ class DataConfig:
 @dataclass
 class FP8Config:
     enabled: bool = False
-    backend: str = "emulated"              # emulated | torch
-    power_of_two_scales: bool = False
-    exclude: list = field(default_factory=list)  # module name patterns kept in high precision
+    backend: str = "emulated"              # emulated (any device) | torch (Hopper: torch._scaled_mm blockwise)
+    power_of_two_scales: bool = False      # round each scale up to a power of two
+    exclude: list = field(default_factory=list)  # module name patterns (fnmatch) kept in high precision
+    cache_fp8_activations: bool = False    # save Linear / expert inputs for Wgrad already in FP8
 
 
 @dataclass
@@ -140,6 +142,49 @@ class CheckpointConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning on the synthetic problems: loss on the response tokens only."""
+
+    init: str | None = None                # checkpoint to start from (null: the config's fresh initialisation)
+    tiers: list = field(default_factory=lambda: [0, 1, 2, 3])   # synthetic difficulty tiers trained on
+    max_len: int = 64                      # prompt + response + eos tokens; longer examples are skipped
+    eval_interval: int = 50                # greedy held-out accuracy every N steps (0: only at start and end)
+    eval_problems: int = 128
+    stop_at_accuracy: float | None = None  # end early once held-out greedy accuracy reaches this (a cold start for GRPO)
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO post-training (DeepSeekMath; DAPO / Dr. GRPO / GSPO options). train.steps counts rollout batches."""
+
+    init: str | None = None                # checkpoint to start from (null: the config's fresh initialisation)
+    tiers: list = field(default_factory=lambda: [0, 1])          # synthetic tiers the prompts come from
+    prompts_per_step: int = 16             # prompts per rollout batch (over all DP ranks)
+    group_size: int = 8                    # G responses per prompt
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    updates_per_batch: int = 1             # mu: policy updates on each rollout batch
+    micro_batch: int = 64                  # sequences per forward/backward
+    clip_low: float = 0.2
+    clip_high: float = 0.28                # DAPO clip-higher
+    kl_beta: float = 0.0                   # 0 skips the reference model
+    kl_estimator: str = "k3"               # k1 | k2 | k3
+    advantage: str = "grpo"                # grpo | dr_grpo | loo
+    aggregation: str = "token-mean"        # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    sequence_ratio: bool = False           # GSPO sequence-level ratio
+    dynamic_sampling: bool = True          # drop groups whose rewards are all equal from the loss
+    rewards: list = field(default_factory=lambda: ["accuracy", "format"])   # built-in names or module:function
+    reward_weights: list | None = None     # one per reward (default 1.0 each)
+    overlong_cache: int = 0                # > 0: DAPO overlong penalty over the last N of max_new_tokens
+    routing_replay: bool = True            # the update forward reuses the experts chosen at rollout
+    old_logprobs: str = "rollout"          # rollout (sampling log-probs) | recompute (a training forward first)
+    shuffle_rewards: bool = False          # negative control: permute rewards across the batch's responses
+    eval_interval: int = 10                # greedy held-out accuracy every N steps (0: only at start and end)
+    eval_problems: int = 128
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -147,6 +192,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     name: str = "megads"
 
     def to_dict(self) -> dict:
@@ -157,8 +204,24 @@ class Config:
         _validate_train(self.train, self.model)
         _validate_data(self.data)
         _validate_parallel(self.parallel, self.model, self.train, world_size)
-        _validate_fp8(self.fp8)
+        _validate_fp8(self.fp8, self.train)
         _validate_checkpoint(self.checkpoint)
+        _validate_sft(self.sft)
+        _validate_grpo(self.grpo)
+        return self
+
+    def validate_generation_layout(self, world_size: int, problems: int) -> "Config":
+        """SFT and GRPO generate on the training ranks; check the layout allows it (pretraining
+        layouts that it does not allow stay valid for pretraining)."""
+        p = self.parallel
+        _require(not (p.tp > 1 and p.ep > 1) and not p.sequence_parallel,
+                 "generation feeds one token per sequence per step, which cannot be split over TP ranks: use "
+                 "parallel.tp=1 with expert parallelism, parallel.ep=1 with tensor parallelism, and "
+                 "parallel.sequence_parallel=false")
+        _require(p.pp == 1, "SFT and GRPO run without pipeline parallelism; set parallel.pp=1")
+        dp = world_size // p.tp
+        _require(problems % dp == 0, f"{problems} problems per batch (grpo.prompts_per_step / eval_problems) are not "
+                                     f"divisible by the data-parallel size {dp}")
         return self
 
     @property
@@ -356,10 +419,38 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world_
              f"parallel.ep={p.ep} does not divide dp * tp = {dp} * {p.tp} = {dp * p.tp} (the ranks of one pipeline stage)")
     _require(t.global_batch % (dp * t.micro_batch) == 0,
              f"train.global_batch={t.global_batch} is not divisible by dp * train.micro_batch = {dp} * {t.micro_batch}")
+    if p.pp > 1:
+        _validate_pipeline(p, m, t.global_batch // (dp * t.micro_batch), dp)
 
 
-def _validate_fp8(f: FP8Config) -> None:
+def _validate_pipeline(p: ParallelConfig, m: ModelConfig, micro_batches: int, dp: int) -> None:
+    """Pipeline rules: DualPipe pairs stage r with pp-1-r; the dual schedules fill from both ends."""
+    _require(dp == 1 or p.zero_stage <= 1,
+             f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp} is not supported: ZeRO-2 reduces gradients "
+             f"in backward hooks that the pipeline's split backward bypasses; use parallel.zero_stage=1 (or 0)")
+    _require(p.pipeline_schedule != "dualpipe" or p.pp % 2 == 0,
+             f"parallel.pipeline_schedule=dualpipe needs an even parallel.pp (rank r holds stages r and pp-1-r), "
+             f"got pp={p.pp}; use an even pp or pipeline_schedule=dualpipev")
+    if p.pipeline_schedule in ("dualpipe", "dualpipev"):
+        _require(micro_batches >= 2 * p.pp and (p.pipeline_schedule == "dualpipev" or micro_batches % 2 == 0),
+                 f"parallel.pipeline_schedule={p.pipeline_schedule} needs micro-batches per step = train.global_batch / "
+                 f"(dp * train.micro_batch) = {micro_batches} to be {'even and ' if p.pipeline_schedule == 'dualpipe' else ''}"
+                 f">= 2 * parallel.pp = {2 * p.pp}; raise train.global_batch or lower train.micro_batch")
+    stages = p.pp * (2 if p.pipeline_schedule == "dualpipev" else 1)
+    if p.pipeline_layout is None:
+        _require(m.num_layers >= stages, f"model.num_layers={m.num_layers} is fewer than the {stages} pipeline stages "
+                                         f"of parallel.pp={p.pp} with {p.pipeline_schedule}; lower parallel.pp")
+    else:
+        from megads.parallel.pipeline.placement import parse_layout
+        parse_layout(p.pipeline_layout, m.num_layers, stages, m.mtp_depth > 0)
+
+
+def _validate_fp8(f: FP8Config, t: TrainConfig) -> None:
     _require(f.backend in ("emulated", "torch"), f"fp8.backend must be emulated or torch, got {f.backend!r}")
+    _require(isinstance(f.exclude, list) and all(isinstance(p, str) for p in f.exclude),
+             f"fp8.exclude must be a list of module name patterns, e.g. ['lm_head', 'layers.0.*'], got {f.exclude!r}")
+    _require(not (f.enabled and f.backend == "torch" and t.device == "cpu"),
+             "fp8.backend=torch runs on a Hopper GPU, but train.device=cpu; use fp8.backend=emulated on CPU")
 
 
 def _validate_checkpoint(c: CheckpointConfig) -> None:
@@ -367,6 +458,45 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
     _require(c.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {c.keep_last}")
     _require(c.resume in ("auto", "none") or os.path.exists(c.resume),
              f"checkpoint.resume must be auto, none or an existing checkpoint path, got {c.resume!r}")
+
+
+def _validate_problems(section: str, tiers: list, eval_problems: int, init: str | None) -> None:
+    _require(bool(tiers) and all(isinstance(t, int) and 0 <= t <= 3 for t in tiers),
+             f"{section}.tiers must be a non-empty list of synthetic tiers 0..3, got {tiers!r}")
+    _require(eval_problems > 0, f"{section}.eval_problems must be positive, got {eval_problems}")
+    _require(init is None or os.path.exists(init),
+             f"{section}.init={init!r} does not exist; give a checkpoint directory (e.g. runs/tiny/checkpoints/step_00000200)")
+
+
+def _validate_sft(s: SFTConfig) -> None:
+    _validate_problems("sft", s.tiers, s.eval_problems, s.init)
+    _require(s.max_len >= 8, f"sft.max_len must be >= 8 tokens, got {s.max_len}")
+    _require(s.eval_interval >= 0, f"sft.eval_interval must be >= 0, got {s.eval_interval}")
+    _require(s.stop_at_accuracy is None or (0 < s.stop_at_accuracy <= 1 and s.eval_interval > 0),
+             f"sft.stop_at_accuracy={s.stop_at_accuracy} must be in (0, 1] and needs sft.eval_interval > 0")
+
+
+def _validate_grpo(g: GRPOConfig) -> None:
+    _validate_problems("grpo", g.tiers, g.eval_problems, g.init)
+    for key in ("prompts_per_step", "max_new_tokens", "updates_per_batch", "micro_batch"):
+        _require(getattr(g, key) > 0, f"grpo.{key} must be positive, got {getattr(g, key)}")
+    _require(g.group_size >= 2, f"grpo.group_size must be >= 2 (rewards are normalised within a group), got {g.group_size}")
+    _require(g.temperature > 0, f"grpo.temperature must be > 0 (greedy decoding is for evaluation), got {g.temperature}")
+    _require(0 < g.top_p <= 1, f"grpo.top_p must be in (0, 1], got {g.top_p}")
+    _require(0 <= g.clip_low < 1 and g.clip_high >= 0,
+             f"grpo.clip_low must be in [0, 1) and grpo.clip_high >= 0, got {g.clip_low} and {g.clip_high}")
+    _require(g.kl_beta >= 0, f"grpo.kl_beta must be >= 0 (0 skips the reference model), got {g.kl_beta}")
+    for key, allowed in (("kl_estimator", ("k1", "k2", "k3")), ("advantage", ("grpo", "dr_grpo", "loo")),
+                         ("aggregation", ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")),
+                         ("old_logprobs", ("rollout", "recompute"))):
+        _require(getattr(g, key) in allowed, f"grpo.{key} must be one of {', '.join(allowed)}, got {getattr(g, key)!r}")
+    _require(bool(g.rewards) and all(isinstance(r, str) for r in g.rewards),
+             f"grpo.rewards must be a non-empty list of reward names or module:function paths, got {g.rewards!r}")
+    _require(g.reward_weights is None or len(g.reward_weights) == len(g.rewards),
+             f"grpo.reward_weights needs one weight per reward ({len(g.rewards)}), got {g.reward_weights!r}")
+    _require(0 <= g.overlong_cache <= g.max_new_tokens,
+             f"grpo.overlong_cache={g.overlong_cache} must be between 0 and grpo.max_new_tokens={g.max_new_tokens}")
+    _require(g.eval_interval >= 0, f"grpo.eval_interval must be >= 0, got {g.eval_interval}")
 
 
 def schedule_value(value: float | list, step: int) -> float:

@@ -14,6 +14,7 @@ from megads.config import ConfigError, load_config
 from megads.data import prepare_data
 from megads.parallel.data import deepspeed_config
 from megads.parallel.mesh import Mesh, build_mesh
+from megads.train.preemption import REQUEUE_EXIT_CODE, PreemptionSignals
 from megads.train.trainer import NonFiniteError, Trainer
 
 log = logging.getLogger("megads")
@@ -55,13 +56,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     init_distributed(world_size)
     try:
-        result = Trainer(cfg, data, build_mesh(cfg.parallel)).fit()
+        with PreemptionSignals() as preemption:
+            result = Trainer(cfg, data, build_mesh(cfg.parallel)).fit(preemption)
     except NonFiniteError as err:
         print(f"megads: error: {err}", file=sys.stderr)
         return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if result["preempted"]:
+        if rank == 0:
+            print(f"megads: stopped at step {result['steps']} on {preemption.reason}, checkpoint saved; "
+                  f"exit status {REQUEUE_EXIT_CODE} asks the launcher to requeue (the rerun resumes from it)")
+        return REQUEUE_EXIT_CODE
     if rank == 0:
         print(summarize(result["metrics"]))
         print(f"run directory: {result['run_dir']}")

@@ -6,7 +6,7 @@ torch._scaled_mm with blockwise scales, Triton kernels for quantisation and expe
 """
 from megads.fp8.apply import DEFAULT_EXCLUDE, apply_fp8, build_recipe
 from megads.fp8.grouped import FP8GroupedGemm, fp8_grouped_weight_grad
-from megads.fp8.linear import FP8Gemm, FP8Recipe, fp8_input_grad, fp8_weight_grad
+from megads.fp8.linear import FP8Gemm, FP8Recipe, fp8_weight_grad
 from megads.fp8.quant import QTensor, dequantize, quantize_blocks, quantize_tiles
 
 __all__ = [
@@ -19,7 +19,6 @@ __all__ = [
     "build_recipe",
     "dequantize",
     "fp8_grouped_weight_grad",
-    "fp8_input_grad",
     "fp8_weight_grad",
     "quantize_blocks",
     "quantize_tiles",

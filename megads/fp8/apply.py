@@ -41,7 +41,7 @@ def _check_torch_backend() -> None:
 
 
 def build_recipe(cfg: Any) -> FP8Recipe:
-    """cfg: megads.config.FP8Config (backend, power_of_two_scales, optional cache_fp8_activations)."""
+    """cfg: megads.config.FP8Config (backend, power_of_two_scales, cache_fp8_activations)."""
     if cfg.backend == "emulated":
         backend = EmulatedBackend(cfg.power_of_two_scales)
     elif cfg.backend == "torch":
@@ -50,7 +50,7 @@ def build_recipe(cfg: Any) -> FP8Recipe:
         backend = TorchBackend(cfg.power_of_two_scales)
     else:
         raise ValueError(f"fp8.backend must be emulated or torch, got {cfg.backend!r}")
-    return FP8Recipe(backend, cache_fp8_activations=getattr(cfg, "cache_fp8_activations", False))
+    return FP8Recipe(backend, cache_fp8_activations=cfg.cache_fp8_activations)
 
 
 def excluded(name: str, patterns: tuple[str, ...]) -> bool:

@@ -3,8 +3,8 @@ megads.fp8.linear and per-expert blockwise weight scales. The rows of x are sort
 
 Fprop and Dgrad tiles run along the hidden dimension, within one token row, so they do not
 depend on the grouping. Wgrad reduces over each expert's own tokens: its 1x128 tiles start at
-the expert's first row and never mix experts (each expert's segment is zero-padded to a multiple
-of 128), as every expert's gradient is its own GEMM.
+the expert's first row and never mix experts (each expert's segment is zero-padded to a
+multiple of 128), since every expert's gradient is its own GEMM.
 """
 from __future__ import annotations
 
@@ -12,45 +12,48 @@ from typing import Any
 
 import torch
 
-from megads.fp8.linear import FP8Recipe, Saved, compute_dtype, no_autocast, pack, unpack
+from megads.fp8.linear import FP8Recipe, along_tokens, compute_dtype, no_autocast, restore, save
 from megads.fp8.quant import QTensor
 
 
-def fp8_grouped_weight_grad(x_saved: Saved, grad_out: torch.Tensor, layout: Any, recipe: FP8Recipe,
-                            in_features: int) -> torch.Tensor:
-    """Wgrad of the experts: grad_out [n, N], forward input as saved -> [E, N, K] fp32.
-    `layout` is the backend's group layout from forward (see _FP8Grouped)."""
-    with no_autocast(grad_out):
-        backend = recipe.backend
-        x_t = x_saved if isinstance(x_saved, QTensor) else backend.grouped_wgrad_input(x_saved, layout)
-        return backend.grouped_wgrad(grad_out, x_t, layout, in_features)
+def fp8_grouped_weight_grad(x_saved: torch.Tensor | QTensor, grad_saved: torch.Tensor | QTensor, layout: Any,
+                            recipe: FP8Recipe, weight_shape: tuple[int, int, int]) -> torch.Tensor:
+    """The experts' Wgrad [E, N, K] fp32 from the forward input [n, K] and the output gradient
+    [n, N], each in high precision or already quantised along the tokens; `layout` is the
+    backend's group layout that forward made (kept on the autograd context as ctx.layout)."""
+    with no_autocast(x_saved):
+        g, x = along_tokens(grad_saved, recipe, layout), along_tokens(x_saved, recipe, layout)
+        return recipe.backend.grouped_wgrad(g, x, layout, weight_shape[1], weight_shape[2])
 
 
 class _FP8Grouped(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, recipe: FP8Recipe) -> torch.Tensor:
+        backend, (need_dx, need_dw) = recipe.backend, ctx.needs_input_grad[:2]
         dtype, x_dtype = compute_dtype(x), x.dtype
         x = x.to(dtype)                                                        # [n, K]
-        backend = recipe.backend
         with no_autocast(x):
             layout = backend.group_layout(counts, x.shape[0])
-            y = backend.grouped_fprop(x, weight, layout, dtype)                # [n, N]
-            saved = backend.grouped_wgrad_input(x, layout) if recipe.cache_fp8_activations else x
-        ctx.recipe, ctx.layout, ctx.x_dtype = recipe, layout, x_dtype
-        ctx.save_for_backward(weight, *pack(saved))
+            x_rows, x_cols = backend.quantize_act(x, rows=True, cols=need_dw and recipe.cache_fp8_activations,
+                                                  layout=layout)
+            w_q, w_t = backend.quantize_weight(weight, forward=True, transposed=need_dx)
+            y = backend.grouped_mm(x_rows, w_q, layout, x.shape[0], weight.shape[1], dtype)   # [n, N]
+        ctx.recipe, ctx.layout, ctx.x_dtype, ctx.w_shape = recipe, layout, x_dtype, tuple(weight.shape)
+        save(ctx, w_t, (x_cols if x_cols is not None else x) if need_dw else None)
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        weight, *saved = ctx.saved_tensors
-        backend = ctx.recipe.backend
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            with no_autocast(grad_out):
-                grad_x = backend.grouped_dgrad(grad_out, weight, ctx.layout, grad_out.dtype).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = fp8_grouped_weight_grad(unpack(tuple(saved)), grad_out, ctx.layout, ctx.recipe,
-                                             weight.shape[2]).to(weight.dtype)
+        w_t, x_saved = restore(ctx)
+        backend, (need_dx, need_dw) = ctx.recipe.backend, ctx.needs_input_grad[:2]
+        with no_autocast(grad_out):
+            g_rows, g_cols = backend.quantize_act(grad_out, rows=need_dx, cols=need_dw, layout=ctx.layout)
+            grad_x = grad_w = None
+            if need_dx:
+                grad_x = backend.grouped_mm(g_rows, w_t, ctx.layout, grad_out.shape[0], ctx.w_shape[2],
+                                            grad_out.dtype).to(ctx.x_dtype)
+        if need_dw:
+            grad_w = fp8_grouped_weight_grad(x_saved, g_cols, ctx.layout, ctx.recipe, ctx.w_shape)
         return grad_x, grad_w, None, None
 
 

@@ -1,17 +1,18 @@
 """FP8 linear layers with all three GEMMs in FP8 (DeepSeek-V3 report, 3.3.1, Figure 6).
 
     Fprop  y  = x W^T        x in 1x128 tiles along K,       W in 128x128 blocks
-    Dgrad  dx = dy W         dy in 1x128 tiles along N,      W^T in 128x128 blocks
+    Dgrad  dx = dy W         dy in 1x128 tiles along N,      W^T in 128x128 blocks (the same blocks)
     Wgrad  dW = dy^T x       dy^T and x^T in 1x128 tiles along the tokens M
 
 Accumulation is fp32; outputs take the compute dtype (the autocast dtype under autocast, else
-the input's), the weight gradient is fp32 like the master weight. The weight is quantised from
-the fp32 master in forward and again in backward, so nothing weight-sized is kept between them.
-Forward saves the input in the compute dtype, or, with `cache_fp8_activations`, already
-quantised for Wgrad (half the bytes; report, 3.3.3).
+the input's, as F.linear), the weight gradient is fp32 like the master weight. Forward reads
+the fp32 weight once and keeps its transposed FP8 blocks for Dgrad (1 byte per parameter).
+It saves the input in the compute dtype, or, with `cache_fp8_activations`, already quantised
+for Wgrad (half the bytes; report, 3.3.3). Backward quantises the output gradient for both of
+its GEMMs in one pass.
 
-`fp8_input_grad` and `fp8_weight_grad` are the two halves of backward as separate functions,
-so that the zero-bubble schedule can run the weight gradient later.
+`fp8_weight_grad` is the Wgrad half of backward as a separate function, so that the
+zero-bubble schedule can run it later from what backward hands it.
 """
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ from typing import TYPE_CHECKING, Union
 import torch
 
 from megads.fp8.emulated import EmulatedBackend
-from megads.fp8.quant import QTensor
+from megads.fp8.quant import QTensor, crop
 
 if TYPE_CHECKING:   # imported lazily at run time: it needs Triton
     from megads.fp8.torch_backend import TorchBackend
 
-Saved = Union[torch.Tensor, QTensor]
+Saved = Union[torch.Tensor, QTensor, None]
 
 
 @dataclass(frozen=True)
@@ -42,53 +43,68 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    return torch.autocast(x.device.type, enabled=False)
+def no_autocast(t: torch.Tensor | QTensor) -> contextlib.AbstractContextManager:
+    """Autocast off on t's device: the FP8 code chooses its dtypes itself."""
+    device = (t.data if isinstance(t, QTensor) else t).device
+    return torch.autocast(device.type, enabled=False)
 
 
-def pack(saved: Saved) -> tuple[torch.Tensor, ...]:
-    return tuple(saved) if isinstance(saved, QTensor) else (saved,)
+def save(ctx, *items: Saved) -> None:
+    """ctx.save_for_backward for tensors, QTensors and Nones; `restore` gives them back."""
+    parts = [tuple(item) if isinstance(item, QTensor) else (item,) for item in items]
+    ctx.saved_sizes = [len(p) for p in parts]
+    ctx.save_for_backward(*(t for p in parts for t in p))
 
 
-def unpack(tensors: tuple[torch.Tensor, ...]) -> Saved:
-    return QTensor(*tensors) if len(tensors) == 2 else tensors[0]
+def restore(ctx) -> list[Saved]:
+    tensors, items = list(ctx.saved_tensors), []
+    for size in ctx.saved_sizes:
+        part, tensors = tensors[:size], tensors[size:]
+        items.append(QTensor(*part) if size == 2 else part[0])
+    return items
 
 
-def fp8_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, recipe: FP8Recipe) -> torch.Tensor:
-    """Dgrad: grad_out [M, N], weight [N, K] -> grad_out W [M, K] in grad_out's dtype."""
-    with no_autocast(grad_out):
-        return recipe.backend.dgrad(grad_out, weight, grad_out.dtype)
+def along_tokens(t: torch.Tensor | QTensor, recipe: FP8Recipe, layout=None) -> QTensor:
+    """[M, C] -> its transpose in 1x128 tiles along the tokens M (already so when a QTensor)."""
+    return t if isinstance(t, QTensor) else recipe.backend.quantize_act(t, rows=False, cols=True, layout=layout)[1]
 
 
-def fp8_weight_grad(x_saved: Saved, grad_out: torch.Tensor, recipe: FP8Recipe, in_features: int) -> torch.Tensor:
-    """Wgrad: grad_out [M, N] and the forward input as saved ([M, K], or its quantisation along the
-    tokens when cache_fp8_activations) -> grad_out^T x [N, K] fp32."""
-    with no_autocast(grad_out):
-        x_t = x_saved if isinstance(x_saved, QTensor) else recipe.backend.wgrad_input(x_saved)
-        return recipe.backend.wgrad(grad_out, x_t, in_features)
+def fp8_weight_grad(x_saved: torch.Tensor | QTensor, grad_saved: torch.Tensor | QTensor, recipe: FP8Recipe,
+                    weight_shape: tuple[int, int]) -> torch.Tensor:
+    """Wgrad, grad^T x [N, K] fp32. x_saved is the forward input [M, K] and grad_saved the output
+    gradient [M, N], each in high precision or already quantised along the tokens (QTensor)."""
+    with no_autocast(x_saved):
+        g, x = along_tokens(grad_saved, recipe), along_tokens(x_saved, recipe)
+        return crop(recipe.backend.mm(g, x, torch.float32), *weight_shape)
 
 
 class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: FP8Recipe) -> torch.Tensor:
+        backend, (need_dx, need_dw) = recipe.backend, ctx.needs_input_grad[:2]
         dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)                              # [M, K]
         with no_autocast(x):
-            y = recipe.backend.fprop(x2, weight, dtype)                        # [M, N]
-            saved = recipe.backend.wgrad_input(x2) if recipe.cache_fp8_activations else x2
-        ctx.recipe, ctx.x_shape, ctx.x_dtype = recipe, x.shape, x.dtype
-        ctx.save_for_backward(weight, *pack(saved))
+            x_rows, x_cols = backend.quantize_act(x2, rows=True, cols=need_dw and recipe.cache_fp8_activations)
+            w_q, w_t = backend.quantize_weight(weight, forward=True, transposed=need_dx)
+            y = crop(backend.mm(x_rows, w_q, dtype), x2.shape[0], weight.shape[0])   # [M, N]
+        ctx.recipe, ctx.x_shape, ctx.x_dtype, ctx.w_shape = recipe, x.shape, x.dtype, tuple(weight.shape)
+        save(ctx, w_t, (x_cols if x_cols is not None else x2) if need_dw else None)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        weight, *saved = ctx.saved_tensors
+        w_t, x_saved = restore(ctx)
+        backend, (need_dx, need_dw) = ctx.recipe.backend, ctx.needs_input_grad[:2]
         grad = grad_out.reshape(-1, grad_out.shape[-1])                        # [M, N]
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = fp8_input_grad(grad, weight, ctx.recipe).reshape(ctx.x_shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = fp8_weight_grad(unpack(tuple(saved)), grad, ctx.recipe, weight.shape[1]).to(weight.dtype)
+        with no_autocast(grad):
+            g_rows, g_cols = backend.quantize_act(grad, rows=need_dx, cols=need_dw)
+            grad_x = grad_w = None
+            if need_dx:
+                grad_x = crop(backend.mm(g_rows, w_t, grad.dtype), grad.shape[0], ctx.w_shape[1])
+                grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        if need_dw:
+            grad_w = fp8_weight_grad(x_saved, g_cols, ctx.recipe, ctx.w_shape)
         return grad_x, grad_w, None
 
 

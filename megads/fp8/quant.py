@@ -3,8 +3,8 @@
 Activations and activation gradients get one scale per 1x128 tile along the reduction
 dimension; weights one scale per 128x128 block. For each tile or block
 
-    scale = max(amax, EPS) / 448   (optionally rounded up to a power of two)
-    q     = e4m3(x / scale)        (round to nearest even; |x / scale| <= 448 by construction)
+    scale = max(amax, EPS) * (1/448)   (optionally rounded up to a power of two)
+    q     = e4m3(x / scale)               (round to nearest even, clamped to +-448)
     x    ~= q * scale
 
 Sizes that are not multiples of 128 are zero-padded to the next multiple first. A partial
@@ -57,7 +57,9 @@ def pow2_ceil(scale: torch.Tensor) -> torch.Tensor:
 
 
 def scales_from_amax(amax: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
-    scale = amax.float().clamp(min=EPS) / E4M3_MAX
+    # a product with the fp32 constant 1/448, not a division: GPUs divide by a scalar that way
+    # anyway, and the Triton kernels then reproduce the scales exactly
+    scale = amax.float().clamp(min=EPS) * (1.0 / E4M3_MAX)
     return pow2_ceil(scale) if power_of_two else scale
 
 

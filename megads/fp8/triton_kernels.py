@@ -2,8 +2,8 @@
 input, padding and expert-segment gathers included) and the grouped per-expert FP8 GEMMs
 that torch._scaled_mm has no blockwise grouped form for. Imported only by that backend.
 
-Quantisation matches megads.fp8.quant bit for bit (IEEE division, the same power-of-two
-rounding). The GEMMs promote to fp32 after every 128-long slice of the reduction dimension,
+Quantisation matches megads.fp8.quant bit for bit (the same scale arithmetic, IEEE division
+x / scale). The GEMMs promote to fp32 after every 128-long slice of the reduction dimension,
 as DeepSeek-V3 does (report, 3.3.2): acc += (A_tile . B_tile^T) * scale_a * scale_b.
 
 Grouped layout: the rows of each expert are placed at a 128-aligned offset of a padded row
@@ -21,12 +21,13 @@ import triton.language as tl
 from megads.fp8.quant import E4M3, TILE, QTensor, round_up
 
 _MAX = tl.constexpr(448.0)
+_INV_MAX = tl.constexpr(1.0 / 448.0)
 _EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
 def _scale(amax, POW2: tl.constexpr):
-    scale = tl.div_rn(tl.maximum(amax, _EPS), _MAX)
+    scale = tl.maximum(amax, _EPS) * _INV_MAX
     if POW2:
         scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
     return scale
@@ -48,40 +49,32 @@ def _source_rows(src_ptr, rows, rows_in, HAS_SRC: tl.constexpr):
 # ----------------------------------------------------------------------------- quantisation
 
 @triton.jit
-def _quant_rows_kernel(x_ptr, src_ptr, q_ptr, s_ptr, rows_in, cols_in, stride_x, q_cols, stride_s_row, stride_s_tile,
-                       HAS_SRC: tl.constexpr, POW2: tl.constexpr, BLOCK_R: tl.constexpr):
-    """1x128 tiles along the columns: q[r, c] of row src[r]; one program = BLOCK_R rows x 1 tile."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    tile = tl.program_id(1)
-    cols = tile * 128 + tl.arange(0, 128)
+def _quant_act_kernel(x_ptr, src_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, rows_in, cols_in, stride_x, rows_out, cols_out,
+                      HAS_SRC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, POW2: tl.constexpr):
+    """One 128x128 block of the gathered, zero-padded input [rows_out, cols_out], read once.
+    ROWS: 1x128 tiles along the columns -> qr [rows_out, cols_out], sr [rows_out, cols_out/128];
+    COLS: 1x128 tiles along the rows, transposed -> qc [cols_out, rows_out], sc [cols_out, rows_out/128].
+    Scales are stored column-major."""
+    bt, bc = tl.program_id(0), tl.program_id(1)
+    rows = bt * 128 + tl.arange(0, 128)
+    cols = bc * 128 + tl.arange(0, 128)
     src = _source_rows(src_ptr, rows, rows_in, HAS_SRC)
     mask = (src >= 0)[:, None] & (cols < cols_in)[None, :]
     x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    scale = _scale(tl.max(tl.abs(x), axis=1), POW2)                           # [BLOCK_R]
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * q_cols + cols[None, :], _e4m3(x, scale[:, None]))
-    tl.store(s_ptr + rows * stride_s_row + tile * stride_s_tile, scale)
+    if ROWS:
+        scale = _scale(tl.max(tl.abs(x), axis=1), POW2)                       # [128], one per row
+        tl.store(qr_ptr + rows.to(tl.int64)[:, None] * cols_out + cols[None, :], _e4m3(x, scale[:, None]))
+        tl.store(sr_ptr + bc * rows_out + rows, scale)
+    if COLS:
+        scale = _scale(tl.max(tl.abs(x), axis=0), POW2)                       # [128], one per column
+        q = tl.trans(_e4m3(x, scale[None, :]))
+        tl.store(qc_ptr + cols.to(tl.int64)[:, None] * rows_out + rows[None, :], q)
+        tl.store(sc_ptr + bt * cols_out + cols, scale)
 
 
 @triton.jit
-def _quant_cols_kernel(x_ptr, src_ptr, q_ptr, s_ptr, rows_in, cols_in, stride_x, q_cols, stride_s_row, stride_s_tile,
-                       HAS_SRC: tl.constexpr, POW2: tl.constexpr, BLOCK_C: tl.constexpr):
-    """1x128 tiles along the rows, written transposed: q[c, r]; one program = 1 tile x BLOCK_C columns."""
-    tile = tl.program_id(0)
-    rows = tile * 128 + tl.arange(0, 128)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    src = _source_rows(src_ptr, rows, rows_in, HAS_SRC)
-    mask = (src >= 0)[:, None] & (cols < cols_in)[None, :]
-    x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    scale = _scale(tl.max(tl.abs(x), axis=0), POW2)                           # [BLOCK_C]
-    q = _e4m3(x, scale[None, :])                                              # [128, BLOCK_C]
-    tl.store(q_ptr + cols.to(tl.int64)[:, None] * q_cols + rows[None, :], tl.trans(q))
-    tl.store(s_ptr + cols * stride_s_row + tile * stride_s_tile, scale)
-
-
-@triton.jit
-def _quant_blocks_kernel(w_ptr, q_ptr, s_ptr, rows_in, cols_in, stride_w_e, stride_w_row, q_cols,
-                         TRANSPOSE: tl.constexpr, POW2: tl.constexpr):
-    """128x128 blocks of w[e]; with TRANSPOSE the blocks of w[e]^T are written instead."""
+def _quant_weight_kernel(w_ptr, q_ptr, s_ptr, rows_in, cols_in, stride_w_e, stride_w_row, POW2: tl.constexpr):
+    """One 128x128 block of w[e] -> its e4m3 values in q [E, Rp, Cp] and its scale in s [E, Rp/128, Cp/128]."""
     br, bc, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_br, n_bc = tl.num_programs(0), tl.num_programs(1)
     rows = br * 128 + tl.arange(0, 128)
@@ -90,78 +83,49 @@ def _quant_blocks_kernel(w_ptr, q_ptr, s_ptr, rows_in, cols_in, stride_w_e, stri
     w = tl.load(w_ptr + e.to(tl.int64) * stride_w_e + rows[:, None] * stride_w_row + cols[None, :],
                 mask=mask, other=0.0).to(tl.float32)
     scale = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-    q = _e4m3(w, scale)
-    q_base = q_ptr + e.to(tl.int64) * (n_br * n_bc * 128 * 128)
-    s_base = s_ptr + e * (n_br * n_bc)
-    if TRANSPOSE:
-        tl.store(q_base + cols.to(tl.int64)[:, None] * q_cols + rows[None, :], tl.trans(q))
-        tl.store(s_base + bc * n_br + br, scale)
-    else:
-        tl.store(q_base + rows.to(tl.int64)[:, None] * q_cols + cols[None, :], q)
-        tl.store(s_base + br * n_bc + bc, scale)
+    offset = e.to(tl.int64) * (n_br * n_bc * 128 * 128)
+    tl.store(q_ptr + offset + rows.to(tl.int64)[:, None] * (n_bc * 128) + cols[None, :], _e4m3(w, scale))
+    tl.store(s_ptr + e * (n_br * n_bc) + br * n_bc + bc, scale)
 
 
-def _scale_buffer(rows: int, tiles: int, col_major: bool, device: torch.device) -> torch.Tensor:
-    """fp32 [rows, tiles], stored column-major (stride(0) == 1) or row-major."""
-    if col_major:
-        return torch.empty(tiles, rows, dtype=torch.float32, device=device).t()
-    return torch.empty(rows, tiles, dtype=torch.float32, device=device)
+def _tiles(rows: int, cols: int, device: torch.device) -> QTensor:
+    """Empty 1x128-tile QTensor [rows, cols] with column-major scales [rows, cols/128]."""
+    return QTensor(torch.empty(rows, cols, dtype=E4M3, device=device),
+                   torch.empty(cols // TILE, rows, dtype=torch.float32, device=device).t())
 
 
-def _rows_major(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def quantize_rows(x: torch.Tensor, power_of_two: bool, rows: int | None = None, src: torch.Tensor | None = None,
-                  scale_col_major: bool = True) -> QTensor:
-    """x [R, C] -> 1x128 tiles along C: data [rows, Cp], scale [rows, Cp/128].
-
-    rows defaults to round_up(R); with `src` [rows] (int32, -1 = zero row) row r is x[src[r]]."""
-    x = _rows_major(x)
+def quantize_act(x: torch.Tensor, power_of_two: bool, rows: bool, cols: bool, capacity: int | None = None,
+                 src: torch.Tensor | None = None, multiple: int = TILE) -> tuple[QTensor | None, QTensor | None]:
+    """x [R, C] -> (1x128 tiles along C [Rp, Cp] if rows, x^T in 1x128 tiles along R [Cp, Rp] if cols),
+    in one pass. Cp = round_up(C, multiple); Rp = round_up(R), or `capacity` with row r of the
+    output taken from x[src[r]] (src int32 [capacity], -1 = zero row)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
     r, c = x.shape
-    rows = round_up(r) if rows is None else rows
-    cp = round_up(c)
-    q = torch.empty(rows, cp, dtype=E4M3, device=x.device)
-    s = _scale_buffer(rows, cp // TILE, scale_col_major, x.device)
-    if q.numel():
-        block_r = 32
-        _quant_rows_kernel[(rows // block_r, cp // TILE)](
-            x, src if src is not None else x, q, s, r, c, x.stride(0), cp, s.stride(0), s.stride(1),
-            HAS_SRC=src is not None, POW2=power_of_two, BLOCK_R=block_r, num_warps=4)
-    return QTensor(q, s)
+    rp, cp = (round_up(r) if capacity is None else capacity), round_up(c, multiple)
+    by_rows = _tiles(rp, cp, x.device) if rows else None
+    by_cols = _tiles(cp, rp, x.device) if cols else None
+    if rp and cp and (rows or cols):
+        dummy = by_rows or by_cols
+        qr, qc = by_rows or dummy, by_cols or dummy
+        _quant_act_kernel[(rp // TILE, cp // TILE)](
+            x, src if src is not None else x, qr.data, qr.scale, qc.data, qc.scale, r, c, x.stride(0), rp, cp,
+            HAS_SRC=src is not None, ROWS=rows, COLS=cols, POW2=power_of_two, num_warps=8)
+    return by_rows, by_cols
 
 
-def quantize_cols(x: torch.Tensor, power_of_two: bool, rows: int | None = None, src: torch.Tensor | None = None,
-                  scale_col_major: bool = True) -> QTensor:
-    """x [R, C] -> x^T in 1x128 tiles along R: data [Cp, rows], scale [Cp, rows/128]. `rows`, `src`
-    as for quantize_rows."""
-    x = _rows_major(x)
-    r, c = x.shape
-    rows = round_up(r) if rows is None else rows
-    cp = round_up(c)
-    q = torch.empty(cp, rows, dtype=E4M3, device=x.device)
-    s = _scale_buffer(cp, rows // TILE, scale_col_major, x.device)
-    if q.numel():
-        block_c = 64
-        _quant_cols_kernel[(rows // TILE, cp // block_c)](
-            x, src if src is not None else x, q, s, r, c, x.stride(0), rows, s.stride(0), s.stride(1),
-            HAS_SRC=src is not None, POW2=power_of_two, BLOCK_C=block_c, num_warps=4)
-    return QTensor(q, s)
-
-
-def quantize_blocks(w: torch.Tensor, power_of_two: bool, transpose: bool = False) -> QTensor:
-    """w [N, K] or [E, N, K] -> 128x128 blocks of w (data [.., Np, Kp], scale [.., Np/128, Kp/128])
-    or, with `transpose`, of w^T (data [.., Kp, Np], scale [.., Kp/128, Np/128]). Scales row-major."""
-    w3 = _rows_major(w if w.dim() == 3 else w.unsqueeze(0))
+def quantize_weight(w: torch.Tensor, power_of_two: bool, multiple: int = TILE) -> QTensor:
+    """w [N, K] or [E, N, K] -> 128x128 blocks: data [.., Np, Kp], scale [.., Np/128, Kp/128] row-major,
+    both sizes padded to a multiple of `multiple`."""
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)
+    w3 = w3 if w3.stride(-1) == 1 else w3.contiguous()
     e, n, k = w3.shape
-    np_, kp = round_up(n), round_up(k)
-    shape = (e, kp, np_) if transpose else (e, np_, kp)
-    q = torch.empty(shape, dtype=E4M3, device=w.device)
-    s = torch.empty(e, shape[1] // TILE, shape[2] // TILE, dtype=torch.float32, device=w.device)
-    if q.numel():
-        _quant_blocks_kernel[(np_ // TILE, kp // TILE, e)](
-            w3, q, s, n, k, w3.stride(0), w3.stride(1), shape[2], TRANSPOSE=transpose, POW2=power_of_two, num_warps=8)
-    return QTensor(q, s) if w.dim() == 3 else QTensor(q[0], s[0])
+    np_, kp = round_up(n, multiple), round_up(k, multiple)
+    q = QTensor(torch.empty(e, np_, kp, dtype=E4M3, device=w.device),
+                torch.empty(e, np_ // TILE, kp // TILE, dtype=torch.float32, device=w.device))
+    if e and np_ and kp:
+        _quant_weight_kernel[(np_ // TILE, kp // TILE, e)](w3, q.data, q.scale, n, k, w3.stride(0), w3.stride(1),
+                                                           POW2=power_of_two, num_warps=8)
+    return q if w.dim() == 3 else QTensor(q.data[0], q.scale[0])
 
 
 # ----------------------------------------------------------------------------- grouped layout
@@ -197,8 +161,10 @@ def group_layout(counts: torch.Tensor, n: int) -> GroupLayout:
 # ----------------------------------------------------------------------------- grouped GEMMs
 
 @triton.autotune(configs=[triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=4),
+                          triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=5),
                           triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=4),
-                          triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=3)],
+                          triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=3),
+                          triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=4)],
                  key=["NP", "K_TILES"])
 @triton.jit
 def _grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, tile_expert_ptr, row_dst_ptr,

@@ -6,7 +6,7 @@ from torch import nn
 
 from megads.config import ModelConfig
 from megads.model.layers import MLP, RMSNorm
-from megads.model.mla import MLA
+from megads.model.mla import MLA, LatentCache
 from megads.model.moe import MoE
 
 
@@ -18,6 +18,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.feed_forward(self.attend(x, cos, sin, cache, positions))
+
+    # The layer's two pieces, which a pipeline's overlapped F&B action interleaves with another
+    # micro-batch's backward: attention, then the MLP / MoE (routing, dispatch, experts, combine).
+
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x + MLA(norm(x)); x [b, s, d]."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x + MLP(norm(x)) or x + MoE(norm(x)); x [b, s, d]."""
         return x + self.mlp(self.post_attention_layernorm(x))

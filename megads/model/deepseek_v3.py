@@ -12,6 +12,7 @@ from torch import nn
 from megads.config import ModelConfig
 from megads.model.block import DecoderLayer
 from megads.model.layers import Embedding, Linear, RMSNorm
+from megads.model.mla import LatentCache
 from megads.model.moe import MoE, GroupedExperts, Router
 from megads.model.mtp import MTPLayer
 from megads.model.rope import rope_cos_sin
@@ -81,6 +82,23 @@ class DeepSeekV3(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))
+
+    def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> dict[str, LatentCache]:
+        """Empty generation caches, one per decoder layer (by its global index)."""
+        c = self.cfg
+        return {name: LatentCache.empty(batch, max_len, c.kv_lora_rank, c.qk_rope_head_dim, device, dtype)
+                for name in self.layers}
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: dict[str, LatentCache]) -> torch.Tensor:
+        """Generation forward: tokens [b, s] at positions [b, s] (each sequence its own), attending to
+        `cache` and extending it -> logits [b, s, vocab] (this rank's vocabulary shard under TP).
+        The same function of the tokens as `hidden_states` + `logits` on the whole sequence."""
+        cos, sin = self.rope(next(iter(cache.values())).latent.shape[1], tokens.device)
+        cos, sin = cos[positions], sin[positions]                                  # [b, s, rope/2]
+        h = self.embed_tokens(tokens)
+        for name, layer in self.layers.items():
+            h = layer(h, cos, sin, cache[name], positions)
+        return self.logits(h)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.0) -> ModelOutput:
         """tokens, targets [b, s] (targets[i] = tokens[i+1] of the packed stream)."""

@@ -9,15 +9,44 @@ process; under tensor parallelism it copies (or, with sequence parallelism, all-
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megads.config import ModelConfig
 from megads.model.layers import Linear, RMSNorm
 from megads.model.rope import apply_rope, softmax_scale
+
+# SDPA backends in order of preference. The flash backend refuses MLA's unequal q/k and v head
+# dims (192 / 128), and PyTorch's default order then falls to the memory-efficient kernel, ~9x
+# slower than cuDNN's on Hopper for fwd+bwd (benchmarks/RESULTS.md); CPU uses flash or math as before.
+SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
+
+
+@dataclass
+class LatentCache:
+    """One MLA layer's generation cache: only what MLA needs to rebuild keys and values, the
+    normalised kv latent and the rotated rope key of every position written so far."""
+
+    latent: torch.Tensor        # [b, max_len, kv_lora_rank]
+    k_rope: torch.Tensor        # [b, max_len, rope_dim]
+
+    @classmethod
+    def empty(cls, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, device: torch.device,
+              dtype: torch.dtype) -> "LatentCache":
+        return cls(torch.zeros(batch, max_len, kv_lora_rank, device=device, dtype=dtype),
+                   torch.zeros(batch, max_len, rope_dim, device=device, dtype=dtype))
+
+    def write(self, positions: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
+        """Store new entries; positions [b, s], latent [b, s, c], k_rope [b, s, rope]."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        self.latent[rows, positions] = latent.to(self.latent.dtype)
+        self.k_rope[rows, positions] = k_rope.to(self.k_rope.dtype)
 
 
 class MLA(nn.Module):
@@ -39,7 +68,11 @@ class MLA(nn.Module):
         self.scale = softmax_scale(cfg)
         self.to_heads: Callable[[torch.Tensor], torch.Tensor] = _identity
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal self-attention over x. With `cache` (generation): x holds new tokens at `positions`
+        [b, s] (cos/sin [b, s, rope/2] gathered at them); their latents are written to the cache
+        and each query attends to the cached positions up to its own."""
         b = x.shape[0]                                                      # x [b, s, d] (s/tp under SP)
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -54,14 +87,22 @@ class MLA(nn.Module):
         latent, k_rope = self.to_heads(torch.cat([self.kv_a_layernorm(latent), k_rope], dim=-1)) \
             .split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin)                  # [b, s, 1, rope], shared by heads
-        kv = self.kv_b_proj(latent).view(b, s, -1, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)           # [b, s, h, nope], [b, s, h, v]
+        mask = None
+        if cache is not None:
+            cache.write(positions, latent, k_rope.squeeze(2))
+            keys = int(positions.max()) + 1                                 # kv length t
+            latent, k_rope = cache.latent[:, :keys], cache.k_rope[:, :keys, None]
+            mask = (torch.arange(keys, device=x.device) <= positions[..., None]).unsqueeze(1)   # [b, 1, s, t]
+        t = latent.shape[1]
+        kv = self.kv_b_proj(latent).view(b, t, -1, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)           # [b, t, h, nope], [b, t, h, v]
         heads = k_nope.shape[2]
 
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, -1, heads, -1)], dim=-1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, scale=self.scale)   # [b, h, s, v]
+        with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask, is_causal=mask is None, scale=self.scale)   # [b, h, s, v]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, heads * self.v_dim))
 
 

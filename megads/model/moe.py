@@ -24,6 +24,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         # fp32 bias used only to select experts; moved by update_bias, never by the optimizer.
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        # Routing replay (set from outside, e.g. by GRPO): maps the experts just selected [t, k] to the
+        # experts to use [t, k] (those chosen when the tokens were sampled); gate weights follow them.
+        self.replay: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [t, d] -> expert ids [t, k] (int64), gate weights [t, k] (fp32), scores [t, e] (fp32)."""
@@ -36,6 +39,8 @@ class Router(nn.Module):
             group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, False)
             biased = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)
         expert_ids = biased.topk(self.top_k, dim=-1).indices
+        if self.replay is not None:
+            expert_ids = self.replay(expert_ids)
         weights = scores.gather(1, expert_ids)
         if self.normalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

@@ -50,9 +50,10 @@ def rope_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device | None = N
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs. x [b, s, h, rope_dim]; cos/sin [s, rope_dim/2]."""
+    """Rotate interleaved pairs. x [b, s, h, rope_dim]; cos/sin [s, rope_dim/2], or [b, s, rope_dim/2]
+    when every sequence has its own positions (cached generation)."""
     pairs = x.float().unflatten(-1, (-1, 2))            # [b, s, h, rope_dim/2, 2]
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]          # broadcast over heads
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)      # broadcast over heads
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).to(x.dtype)

@@ -45,11 +45,14 @@ def is_expert(p: torch.Tensor) -> bool:
 def global_grad_norm(named_params: list[tuple[str, nn.Parameter]], mesh: Mesh) -> torch.Tensor:
     """2-norm over the whole model, every parameter counted once: TP shards on all TP ranks,
     replicated dense parameters on TP rank 0 (summed over TP x PP), expert shards on the first
-    rank of their expert-data-parallel group (summed over all ranks)."""
+    rank of their expert-data-parallel group (summed over all ranks), pipeline-mirrored copies
+    on their home rank only."""
     device = named_params[0][1].device if named_params else torch.device("cpu")
     dense = torch.zeros((), dtype=torch.float64, device=device)
     experts = torch.zeros((), dtype=torch.float64, device=device)
     for _, p in named_params:
+        if getattr(p, "pipeline_mirror", False):       # a pipeline stage's mirrored copy: its home counts it
+            continue
         if is_expert(p):
             if mesh.edp_rank == 0:
                 experts += p.grad.double().pow(2).sum()

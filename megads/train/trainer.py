@@ -2,6 +2,7 @@
 non-finite step skipping, validation, metrics and checkpoints. No maths of its own lives here."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -11,17 +12,21 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megads.checkpoint.local import latest_checkpoint, load_checkpoint, save_checkpoint
+from megads.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megads.config import Config, lr_at, schedule_value
 from megads.data import BatchLoader, PackedSequences, PreparedData
+from megads.fp8 import apply_fp8
 from megads.model.deepseek_v3 import DeepSeekV3
 from megads.model.moe import balance_loss_scale
 from megads.parallel.data import build_step_optimizer
 from megads.parallel.expert import parallelize_experts
 from megads.parallel.mesh import Mesh
+from megads.parallel.pipeline.build import build_pipeline
+from megads.parallel.pipeline.schedules import forward_pass
 from megads.parallel.tensor import parallelize_tensor
 from megads.train.metrics import MetricsWriter, flops_per_token, format_duration, memory_gib, peak_flops
 from megads.train.optim import build_optimizer, set_lr
+from megads.train.preemption import PreemptionSignals
 
 log = logging.getLogger("megads")
 
@@ -70,6 +75,9 @@ class Trainer:
         self.model.init_weights()
         parallelize_tensor(self.model, self.mesh, cfg.parallel.sequence_parallel)
         parallelize_experts(self.model, self.mesh, cfg.parallel.sequence_parallel)
+        apply_fp8(self.model, cfg.fp8)             # on the local shards: FP8 GEMMs see TP / EP slices
+        # Under PP the rank keeps its stages only (global names; mirrored copies marked `pipeline_mirror`).
+        self.pipeline = build_pipeline(self.model, cfg, self.mesh, self.autocast) if self.mesh.pp > 1 else None
         for moe in self.model.moe_layers():
             moe.balance_alpha = t.seq_aux_alpha
         self.optimizer = build_optimizer(self.model, t, self.device)
@@ -94,17 +102,10 @@ class Trainer:
         model.train()
         set_lr(self.optimizer, lr_at(t, self.step))
         mtp_weight = schedule_value(t.mtp_loss_weight, self.step)
-        n = len(micro_batches)
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
-        with balance_loss_scale(1.0 / n):
-            for batch in micro_batches:
-                batch = batch.to(self.device, non_blocking=True)
-                with self.autocast():
-                    out = model(batch[:, :-1], batch[:, 1:], mtp_weight)
-                balance = sum((m.last_balance_loss for m in model.moe_layers()), torch.zeros((), device=self.device))
-                self.stepper.backward(out.loss / n)
-                totals += torch.stack([out.loss.detach() + balance, out.lm_loss.detach(), out.mtp_loss.detach(),
-                                       balance]).double() / n
+        if self.pipeline is not None:
+            totals = self.pipeline.train_step(micro_batches, mtp_weight)
+        else:
+            totals = self.forward_backward(micro_batches, mtp_weight)
         loss, lm_loss, mtp_loss, balance_loss = self.mean_over_dp(totals).tolist()
         loads = self.reduce_expert_loads()
         load_ratio = max(((load.max() / load.mean()).item() for load in loads if load.sum() > 0), default=1.0)
@@ -125,6 +126,22 @@ class Trainer:
         names = [name for name, _ in model.named_moe_layers()]
         return StepResult(loss, lm_loss, mtp_loss, balance_loss, grad_norm, load_ratio, not applied, bad,
                           dict(zip(names, [load.cpu() for load in loads])), *self.routing_traffic())
+
+    def forward_backward(self, micro_batches: list[torch.Tensor], mtp_weight: float) -> torch.Tensor:
+        """Gradients of the step's loss accumulated over micro-batches (no pipeline); returns
+        [loss + balance, lm, mtp, balance], means over the micro-batches."""
+        model, n = self.model, len(micro_batches)
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        with balance_loss_scale(1.0 / n):
+            for batch in micro_batches:
+                batch = batch.to(self.device, non_blocking=True)
+                with self.autocast():
+                    out = model(batch[:, :-1], batch[:, 1:], mtp_weight)
+                balance = sum((m.last_balance_loss for m in model.moe_layers()), torch.zeros((), device=self.device))
+                self.stepper.backward(out.loss / n)
+                totals += torch.stack([out.loss.detach() + balance, out.lm_loss.detach(), out.mtp_loss.detach(),
+                                       balance]).double() / n
+        return totals
 
     def routing_traffic(self) -> tuple[int, int]:
         """Token copies sent to other EP ranks this step (summed over all ranks) and the most EP
@@ -168,9 +185,13 @@ class Trainer:
         """Mean LM loss over the first eval_batches micro-batches of the held-out stream."""
         t = self.cfg.train
         self.model.eval()
+        batches = [torch.stack([self.valid_sequences[i * t.micro_batch + j] for j in range(t.micro_batch)])
+                   for i in range(t.eval_batches)]
+        if self.pipeline is not None:
+            schedule = forward_pass(self.pipeline.schedule, len(batches))
+            return self.pipeline.evaluate(batches, schedule).item() / len(batches)
         losses = []
-        for i in range(t.eval_batches):
-            batch = torch.stack([self.valid_sequences[i * t.micro_batch + j] for j in range(t.micro_batch)])
+        for batch in batches:
             batch = batch.to(self.device)
             with self.autocast():
                 losses.append(self.model(batch[:, :-1], batch[:, 1:]).lm_loss.float().item())
@@ -179,34 +200,41 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.stepper.state_dict(),
-                "step": self.step, "nonfinite_streak": self.nonfinite_streak,
-                "data": self.train_batches.state_dict(), "rng": torch.get_rng_state(),
-                "config": self.cfg.to_dict()}
+        """Trainer state besides the model and optimizer tensors (those are saved per global tensor)."""
+        state = {"step": self.step, "nonfinite_streak": self.nonfinite_streak,
+                 "data": self.train_batches.state_dict(), "rng": torch.get_rng_state(), "config": self.cfg.to_dict()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.stepper.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self.nonfinite_streak = state["nonfinite_streak"]
         self.train_batches.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
     def save(self) -> str:
-        c = self.cfg.checkpoint
-        return save_checkpoint(self.cfg.checkpoint_dir, self.step, self.state_dict(), c.keep_last,
-                               self.mesh.rank, self.mesh.world_size)
+        return save_checkpoint(self.cfg.checkpoint_dir, self.step, self.model, self.stepper, self.mesh, self.state_dict(),
+                               self.cfg.checkpoint.keep_last, {"model_config": dataclasses.asdict(self.cfg.model)})
 
     def maybe_resume(self) -> str | None:
+        """Resume from `checkpoint.resume` (auto: the latest in the checkpoint directory), whatever
+        layout wrote it. A weights-only checkpoint (converted from HuggingFace) starts at step 0."""
         c = self.cfg.checkpoint
         path = None if c.resume == "none" else latest_checkpoint(self.cfg.checkpoint_dir) if c.resume == "auto" else c.resume
         if path is not None:
-            self.load_state_dict(load_checkpoint(path, self.mesh.rank, self.mesh.world_size))
+            state = load_checkpoint(path, self.model, self.stepper, self.mesh)
+            if state is not None:
+                self.load_state_dict(state)
         return path
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self) -> dict:
+    def fit(self, preemption: PreemptionSignals | None = None) -> dict:
+        """Train to train.steps; with `preemption`, stop after the step in which a preemption signal
+        arrived, save a checkpoint and return with "preempted": True."""
         cfg, t = self.cfg, self.cfg.train
         resumed = self.maybe_resume()
         if resumed:
@@ -214,6 +242,7 @@ class Trainer:
         metrics = MetricsWriter(cfg.run_dir, enabled=self.mesh.rank == 0, resume_step=self.step)
         tokens_per_step = t.global_batch * t.seq_len
         started, start_step = time.perf_counter(), self.step
+        saved_step = self.step          # the checkpoint resumed from (or none, at step 0)
         if self.step == 0 and t.eval_interval:
             metrics.write({"step": 0, "valid_loss": self.evaluate()})
         while self.step < t.steps:
@@ -258,7 +287,12 @@ class Trainer:
                          f"eta {format_duration(rate * (t.steps - self.step))}")
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 self.save()
-        if cfg.checkpoint.save_at_end and self.step > start_step:
+                saved_step = self.step
+            if preemption is not None and preemption.stop_agreed(self.device):
+                log.info(f"stopping after step {self.step} on a preemption signal; saving a checkpoint to resume from")
+                break
+        preempted = self.step < t.steps
+        if (cfg.checkpoint.save_at_end or preempted) and self.step != saved_step:
             self.save()
         metrics.close()
-        return {"steps": self.step, "run_dir": cfg.run_dir, "metrics": metrics.path}
+        return {"steps": self.step, "run_dir": cfg.run_dir, "metrics": metrics.path, "preempted": preempted}

@@ -1,0 +1,105 @@
+"""The zero-bubble split of backward (Qi et al., "Zero Bubble Pipeline Parallelism", 2023).
+
+While a `WeightGradStore` collects for a (chunk, micro-batch) (`store.collect(key)` around a B
+action), a GEMM's backward may hand its weight-gradient computation to `defer_weight_grad`
+instead of running it, and returns only the input gradient. The W action (`store.flush(key)`)
+runs the queued computations and hands each result to autograd as the parameter's gradient,
+so parameter hooks (sequence-parallel reductions, DeepSpeed's) run as for any gradient.
+
+`DeferredGemm` is the `Linear.gemm` that does so for the plain product (dx = dy W now,
+dW = dy^T x later); any other GEMM (FP8's Wgrad) can defer through `defer_weight_grad` too.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megads.model.layers import Linear
+
+_collecting: list | None = None        # the queue of the store collecting now, if any
+
+
+def defer_weight_grad(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> bool:
+    """Queue `compute()` (the gradient of `weight`) for the W action when a store is collecting;
+    False (compute it now) otherwise."""
+    if _collecting is None:
+        return False
+    _collecting.append((weight, compute))
+    return True
+
+
+class WeightGradStore:
+    def __init__(self):
+        self.queues: dict[tuple[int, int], list[tuple[torch.Tensor, Callable[[], torch.Tensor]]]] = {}
+        self.deferred = 0                 # weight-gradient computations run by W actions so far
+
+    @contextlib.contextmanager
+    def collect(self, key: tuple[int, int]):
+        """Queue the weight-gradient computations of backward passes run inside under `key`."""
+        global _collecting
+        previous, _collecting = _collecting, self.queues.setdefault(key, [])
+        try:
+            yield
+        finally:
+            _collecting = previous
+
+    def flush(self, key: tuple[int, int]) -> None:
+        """Run the computations queued under `key` and accumulate their results into .grad."""
+        grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for weight, compute in self.queues.pop(key, []):
+            self.deferred += 1
+            g = compute().to(weight.dtype)
+            grads[id(weight)] = (weight, grads[id(weight)][1] + g if id(weight) in grads else g)
+        if grads:
+            params, values = zip(*grads.values())
+            torch.autograd.backward(list(params), list(values))
+
+    def pending(self) -> list[tuple[int, int]]:
+        return [k for k, v in self.queues.items() if v]
+
+
+def _linear_weight_grad(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """dW = dy^T x over all leading dimensions: x [..., K], dy [..., N] -> [N, K]."""
+    return dy.reshape(-1, dy.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]).to(dy.dtype))
+
+
+class _DeferredLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        dx = dy.matmul(weight.to(dy.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1] and not defer_weight_grad(weight, lambda: _linear_weight_grad(x, dy)):
+            dw = _linear_weight_grad(x, dy).to(weight.dtype)
+        return dx, dw
+
+
+class DeferredGemm:
+    """A `Linear.gemm` (F.linear) whose weight gradient can wait for the schedule's W action."""
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                return _DeferredLinear.apply(x.to(dtype), weight.to(dtype))
+        return _DeferredLinear.apply(x, weight)
+
+
+def defer_weight_gradients(model: nn.Module) -> int:
+    """Give every plain `Linear` (gemm = F.linear) of `model` a DeferredGemm; returns how many.
+    Linears with another GEMM keep it (it defers through `defer_weight_grad` if it supports it)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear) and module.gemm is F.linear:
+            module.gemm = DeferredGemm()
+            count += 1
+    return count

@@ -1,0 +1,114 @@
+"""The policy model for SFT and GRPO: built and sharded like pretraining's, started from a
+checkpoint of any layout; per-token log-probabilities and entropy that never gather the
+vocabulary under TP; routing capture and replay for the MoE layers."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from megads.checkpoint import load_model_weights
+from megads.config import Config
+from megads.model.deepseek_v3 import DeepSeekV3
+from megads.model.moe import Router
+from megads.parallel.expert import parallelize_experts
+from megads.parallel.mesh import Mesh
+from megads.parallel.tensor import parallelize_tensor
+
+
+def build_policy(cfg: Config, mesh: Mesh, device: torch.device, init: str | None) -> DeepSeekV3:
+    """The model of `cfg.model` sharded over `mesh`, with the weights of checkpoint `init` (any
+    layout), or the seeded initialisation of pretraining when `init` is None."""
+    torch.manual_seed(cfg.train.seed)
+    model = DeepSeekV3(cfg.model).to(device)
+    model.init_weights()
+    parallelize_tensor(model, mesh, cfg.parallel.sequence_parallel)
+    parallelize_experts(model, mesh, cfg.parallel.sequence_parallel)
+    if init is not None:
+        load_model_weights(init, model, mesh)
+    return model
+
+
+def build_reference(cfg: Config, mesh: Mesh, device: torch.device, init: str | None) -> DeepSeekV3:
+    """The frozen reference for the KL penalty: the starting weights, without gradients (rebuilt
+    from `init`, so a resumed run keeps the original reference)."""
+    return build_policy(cfg, mesh, device, init).requires_grad_(False)
+
+
+def decoder_routers(model: DeepSeekV3) -> dict[str, Router]:
+    """The router of every MoE decoder layer, by layer index (MTP depths are not run here)."""
+    return {name: layer.mlp.gate for name, layer in model.layers.items() if isinstance(getattr(layer.mlp, "gate", None), Router)}
+
+
+@contextlib.contextmanager
+def capture_routes(model: DeepSeekV3) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, `routes[layer]` holds the expert ids [t, k] that layer's router chose in
+    the latest forward (t: this rank's routed tokens)."""
+    routes: dict[str, torch.Tensor] = {}
+    handles = [router.register_forward_hook(lambda _, __, out, name=name: routes.__setitem__(name, out[0]))
+               for name, router in decoder_routers(model).items()]
+    try:
+        yield routes
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def replay_routes(model: DeepSeekV3, routes: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Within the block, every MoE decoder layer uses the experts `routes[layer]` [b, s, k] for the
+    tokens [b, s] of the forward instead of choosing them (routing replay). None: no replay."""
+    routers = decoder_routers(model) if routes is not None else {}
+
+    def replay(chosen: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
+        if recorded.numel() != chosen.numel():
+            raise ValueError(f"routing replay holds {tuple(recorded.shape)} expert ids for a forward that routes "
+                             f"{tuple(chosen.shape)}; replay the rollout's token batch")
+        return recorded.reshape(chosen.shape).to(chosen.device)
+
+    for name, router in routers.items():
+        router.replay = lambda chosen, r=routes[name]: replay(chosen, r)
+    try:
+        yield
+    finally:
+        for router in routers.values():
+            router.replay = None
+
+
+def token_logprobs(model: DeepSeekV3, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(tokens[:, 1:] | prefix) of the temperature-scaled policy [b, s-1] (differentiable),
+    and the logits / temperature [b, s-1, vocab shard] (fp32) they come from."""
+    b = tokens.shape[0]
+    logits = model.logits(model.hidden_states(tokens[:, :-1])).float() / temperature
+    logp = -model.token_losses(logits.flatten(0, 1), tokens[:, 1:].flatten()).view(b, -1)
+    return logp, logits
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits: torch.Tensor, mask: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """Mean next-token entropy (nats) over masked positions, from logits [b, s, vocab/tp] split over
+    TP: H = log Z + m - sum_v e^(z_v - m) z_v / Z', all sums reduced over the TP group."""
+    group = mesh.group("tp")
+    z = logits.float()
+    m = z.amax(-1)
+    if group is not None:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    e = torch.exp(z - m[..., None])
+    sums = torch.stack([e.sum(-1), (e * z).sum(-1)])                              # [2, b, s]
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+    h = sums[0].log() + m - sums[1] / sums[0]
+    mask = mask.bool()
+    return h.masked_fill(~mask, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def gather_vocab(logits: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """The full-vocabulary logits [..., vocab] from TP shards [..., vocab/tp] (for sampling)."""
+    group = mesh.group("tp")
+    if group is None:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(mesh.tp)]
+    dist.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)

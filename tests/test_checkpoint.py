@@ -1,0 +1,197 @@
+"""Layout-free checkpoints: resharding across layouts with the optimizer state, weights-only
+loading, atomic writes and keep-last, and clear errors for damaged checkpoints.
+
+The resharding case trains 2 steps under DP=2 x TP=2 (ZeRO-2), saves, and takes step 3 three
+ways: under the same layout, under PP=2 (DualPipe) x EP=2 x DP=2 (ZeRO-1) and on one process.
+Step 3's loss and every weight and Adam moment after it (saved again by each run, so saving
+under PP and EP is checked too) must agree within fp32 rounding (lr and eps as in the parity
+tests, see tests/test_parallel_core.py). Every run also resumes its own final checkpoint under
+its own layout and must get its state back bit for bit (exact resume).
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from distributed import run_ranks
+from megads.checkpoint import CheckpointError, CheckpointReader, latest_checkpoint, load_model_weights, save_checkpoint
+from megads.checkpoint.optimizer import adam_step, moments
+from megads.config import load_config
+from megads.data import prepare_data
+from megads.model.deepseek_v3 import DeepSeekV3
+from megads.parallel.data import LocalOptimizer
+from megads.parallel.mesh import Mesh, build_mesh
+from megads.train.optim import build_optimizer
+from megads.train.trainer import Trainer
+
+SMALL = ["parallel.tp=1", "model.hidden_size=64", "model.num_layers=3", "model.intermediate_size=128",
+         "model.moe_intermediate_size=32", "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16",
+         "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.mtp_depth=1", "train.seq_len=32",
+         "train.global_batch=8", "train.micro_batch=2", "train.warmup_steps=1", "train.lr=2e-4", "train.min_lr=2e-5",
+         "train.eps=1e-6", "train.eval_interval=0", "train.log_interval=1", "data.synthetic_docs=2000",
+         "data.synthetic_valid_docs=100", "train.seq_aux_alpha=0.01", "train.bias_update_speed=0.01", "train.steps=3"]
+
+
+def make_config(cache, run_dir, world_size, *overrides):
+    return load_config("configs/tiny.yaml", SMALL + [f"data.cache_dir={cache}", f"train.run_dir={run_dir}", *overrides]
+                       ).validate(world_size)
+
+
+def _fit(rank, world_size, cache, run_dir, overrides):
+    """Train to train.steps (saving at the end), then resume a fresh trainer of the same layout
+    from that checkpoint: it must hold bit for bit the state the first one ended with."""
+    cfg = make_config(cache, run_dir, world_size, *overrides)
+    data = prepare_data(cfg.data, cfg.model.vocab_size)
+    mesh = build_mesh(cfg.parallel)
+    trainer = Trainer(cfg, data, mesh)
+    trainer.fit()
+    resumed = Trainer(make_config(cache, run_dir, world_size, *overrides, "checkpoint.resume=auto"), data, mesh)
+    resumed.maybe_resume()
+    assert (resumed.step, resumed.train_batches.consumed_samples) == (trainer.step, trainer.train_batches.consumed_samples)
+    for (name, a), b in zip(trainer.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for (name, a), (_, b) in zip(moments(trainer.stepper, trainer.model), moments(resumed.stepper, resumed.model)):
+        assert all(torch.equal(a[m], b[m]) for m in a), name
+    assert adam_step(trainer.stepper) == adam_step(resumed.stepper) == trainer.step
+    return trainer.step
+
+
+def step_losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def assert_close(actual, expected, what, rel=1e-5):
+    scale = max(expected.abs().max().item(), 1e-12)
+    diff = (actual - expected).abs().max().item()
+    assert diff <= rel * scale, f"{what}: max abs difference {diff:.3e} > {rel} x {scale:.3e}"
+
+
+def assert_same_tensors(path, reference_path, rel=1e-5):
+    got, want = CheckpointReader(path), CheckpointReader(reference_path)
+    assert sorted(got.tensors) == sorted(want.tensors)
+    assert any(n.startswith("optimizer.exp_avg_sq.") for n in want.tensors)
+    for name in want.tensors:
+        assert_close(got.read(name), want.read(name), f"{name} in {path}")
+
+
+def test_reshard_dp2xtp2_to_pp2xep2_dualpipe_and_single_process(tmp_path, data_cache):
+    source = str(tmp_path / "dp2xtp2")
+    assert run_ranks(_fit, 4, args=(data_cache, source, ["parallel.tp=2", "parallel.zero_stage=2",
+                                                          "checkpoint.interval=2"]), timeout=900) == [3] * 4
+    saved = os.path.join(source, "checkpoints", "step_00000002")
+    assert CheckpointReader(saved).metadata["layout"] == {"dp": 2, "pp": 1, "tp": 2, "ep": 1}
+    resume = [f"checkpoint.resume={saved}"]
+    # DualPipe needs >= 2 * pp micro-batches per rank: micro_batch 1 (the global batch is unchanged).
+    targets = {"pp2xep2-dualpipe": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.pipeline_schedule=dualpipe",
+                                        "parallel.zero_stage=1", "train.micro_batch=1"]),
+               "single": (1, [])}
+    for name, (world_size, overrides) in targets.items():
+        run_dir = str(tmp_path / name)
+        if world_size == 1:
+            _fit(0, 1, data_cache, run_dir, overrides + resume)
+        else:
+            assert run_ranks(_fit, world_size, args=(data_cache, run_dir, overrides + resume), timeout=900) == [3] * 4
+        assert list(step_losses(run_dir)) == [3], "the resumed run should take step 3 only"
+        assert_close(torch.tensor(step_losses(run_dir)[3]), torch.tensor(step_losses(source)[3]), f"{name}: loss of step 3")
+        assert_same_tensors(os.path.join(run_dir, "checkpoints", "step_00000003"),
+                            os.path.join(source, "checkpoints", "step_00000003"))
+
+    # Weights only, into a plain single-process model, from the DP=2 x TP=2 checkpoint.
+    cfg = make_config(data_cache, source, 1)
+    model = DeepSeekV3(cfg.model)
+    info = load_model_weights(os.path.join(source, "checkpoints"), model)
+    assert info["step"] == 3
+    reader = CheckpointReader(os.path.join(source, "checkpoints", "step_00000003"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reader.read("model." + name)), name
+    assert any(m.gate.e_score_correction_bias.abs().sum() > 0 for m in model.moe_layers())
+
+
+# ----------------------------------------------------------------------------- single process
+
+TINY = ["parallel.tp=1", "model.hidden_size=32", "model.num_layers=2", "model.intermediate_size=64", "model.moe_intermediate_size=16",
+        "model.q_lora_rank=0", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8",
+        "model.v_head_dim=8", "model.vocab_size=64", "model.num_heads=2"]
+
+
+def tiny_model(*overrides):
+    cfg = load_config("configs/tiny.yaml", TINY + list(overrides)).validate(1)
+    torch.manual_seed(0)
+    model = DeepSeekV3(cfg.model)
+    model.init_weights()
+    return model, LocalOptimizer(model, build_optimizer(model, cfg.train, torch.device("cpu")), Mesh(), 1.0)
+
+
+def save_tiny(ckpt_dir, step=1, keep_last=2):
+    model, stepper = tiny_model()
+    tokens = torch.randint(0, 64, (2, 9))
+    model(tokens[:, :-1], tokens[:, 1:], 0.3).loss.backward()
+    stepper.step()
+    return save_checkpoint(str(ckpt_dir), step, model, stepper, Mesh(), {"step": step}, keep_last)
+
+
+def test_keep_last_latest_and_exact_round_trip(tmp_path):
+    paths = [save_tiny(tmp_path, step) for step in (1, 2, 3)]
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_00000002", "step_00000003"]
+    assert latest_checkpoint(str(tmp_path)) == paths[-1]
+    os.makedirs(tmp_path / "step_00000004.tmp")            # an interrupted save is never picked up
+    assert latest_checkpoint(str(tmp_path)) == paths[-1]
+    model, stepper = tiny_model()
+    source, _ = tiny_model()
+    load_model_weights(paths[-1], source)
+    from megads.checkpoint import load_checkpoint
+    assert load_checkpoint(str(tmp_path), model, stepper, Mesh()) == {"step": 3}
+    for (name, a), b in zip(model.state_dict().items(), source.state_dict().values()):
+        assert torch.equal(a, b), name
+    reader = CheckpointReader(paths[-1])
+    for name, p in model.named_parameters():
+        assert torch.equal(stepper.optimizer.state[p]["exp_avg_sq"], reader.read(f"optimizer.exp_avg_sq.{name}")), name
+        assert int(stepper.optimizer.state[p]["step"]) == 1
+
+
+def _piece_file_of(path, tensor):
+    with open(os.path.join(path, "index.json")) as f:
+        return json.load(f)["tensors"][tensor]["pieces"][0]["file"]
+
+
+def test_missing_file_names_the_tensor(tmp_path):
+    path = save_tiny(tmp_path)
+    os.remove(os.path.join(path, _piece_file_of(path, "model.embed_tokens.weight")))
+    with pytest.raises(CheckpointError, match=r"missing rank00000-0\.safetensors, which holds tensor .*model\."):
+        load_model_weights(path, tiny_model()[0])
+
+
+def test_truncated_file_names_the_tensor(tmp_path):
+    path = save_tiny(tmp_path)
+    file = os.path.join(path, _piece_file_of(path, "model.lm_head.weight"))
+    with open(file, "r+b") as f:
+        f.truncate(os.path.getsize(file) // 2)
+    with pytest.raises(CheckpointError, match=r"truncated .* holds tensor .*model\."):
+        load_model_weights(path, tiny_model()[0])
+
+
+def test_wrong_shape_names_the_tensor(tmp_path):
+    path = save_tiny(tmp_path)
+    with pytest.raises(CheckpointError, match=r"tensor model\.embed_tokens\.weight has shape \[64, 32\] in checkpoint .* "
+                                              r"but \[128, 32\] in this model"):
+        load_model_weights(path, tiny_model("model.vocab_size=128")[0])
+
+
+def test_missing_piece_names_the_tensor(tmp_path):
+    path = save_tiny(tmp_path)
+    index_path = os.path.join(path, "index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    index["tensors"]["model.layers.1.mlp.experts.up_proj"]["pieces"] = []
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    with pytest.raises(CheckpointError, match=r"covers 0 of the \d+ elements of tensor model\.layers\.1\.mlp\.experts\.up_proj"):
+        load_model_weights(path, tiny_model()[0])
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = save_tiny(tmp_path)
+    with pytest.raises(CheckpointError, match=r"has no tensor model\.layers\.0\.self_attn\.q_a_proj\.weight"):
+        load_model_weights(path, tiny_model("model.q_lora_rank=16")[0])

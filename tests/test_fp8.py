@@ -1,0 +1,263 @@
+"""FP8 (megads.fp8) on CPU: quantisation bounds, the emulated FP8 GEMMs against references built
+from explicitly dequantised operands, the model hooks, and tiny-model training against fp32."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megads.config import ConfigError, load_config
+from megads.data import prepare_data
+from megads.fp8 import (FP8Gemm, FP8GroupedGemm, FP8Recipe, apply_fp8, dequantize, fp8_weight_grad,
+                        quantize_blocks, quantize_tiles)
+from megads.fp8.emulated import EmulatedBackend
+from megads.fp8.quant import E4M3_MAX, round_up
+from megads.model.deepseek_v3 import DeepSeekV3
+from megads.model.layers import Linear
+from megads.model.moe import GroupedExperts
+from megads.train.trainer import Trainer
+
+
+def with_outliers(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * torch.exp(2 * torch.randn(*shape, generator=g))   # ~7 decades
+    flat = x.view(-1)
+    flat[torch.randint(0, flat.numel(), (8,), generator=g)] = 1e4                             # outliers
+    flat[: flat.numel() // 97] = 0.0                                                          # zeros
+    return x
+
+
+def tile_scales_per_element(q, rows, cols):
+    """Each element's scale, [rows, cols], for 1x128 tiles or 128x128 blocks."""
+    scale = q.scale.repeat_interleave(128, -1)
+    if q.scale.shape[-2] != q.data.shape[-2]:
+        scale = scale.repeat_interleave(128, -2)
+    return scale[..., :rows, :cols]
+
+
+# ----------------------------------------------------------------------------- quantisation
+
+@pytest.mark.parametrize("quantize", [quantize_tiles, quantize_blocks])
+@pytest.mark.parametrize("power_of_two", [False, True])
+@pytest.mark.parametrize("shape", [(256, 384), (130, 200)])
+def test_quantisation_error_within_e4m3_bound(quantize, power_of_two, shape):
+    x = with_outliers(*shape)
+    q = quantize(x, power_of_two)
+    assert q.data.shape == (round_up(shape[0]), round_up(shape[1]))
+    scale = tile_scales_per_element(q, *shape)
+    error = (dequantize(q)[: shape[0], : shape[1]] - x).abs()
+    # E4M3 keeps 3 mantissa bits: round-to-nearest is within 2^-4 relative for normal values of
+    # x / scale (>= 2^-6) and within half the subnormal spacing, 2^-10, absolute below that.
+    # (1 + 1e-6) covers the fp32 rounding of x / scale and q * scale.
+    bound = torch.maximum(x.abs() * 2.0 ** -4, scale * 2.0 ** -10) * (1 + 1e-6)
+    assert (error <= bound).all()
+    assert q.data.float().abs().max() <= E4M3_MAX
+    if power_of_two:
+        assert torch.equal(torch.log2(q.scale), torch.log2(q.scale).round())
+        assert (q.data.float().abs().amax() > E4M3_MAX / 2)            # scale rounded up by < 2x
+
+
+def test_scales_and_padding():
+    x = torch.zeros(3, 200)
+    x[0, :128] = torch.linspace(-2, 1, 128)
+    x[1, 150] = -7.0                                                   # the only value of its partial tile
+    q = quantize_tiles(x)
+    assert q.data.shape == (128, 256) and q.scale.shape == (128, 2)
+    assert q.scale[0, 0] == torch.tensor(2.0) * (1 / E4M3_MAX) and q.scale[1, 1] == torch.tensor(7.0) * (1 / E4M3_MAX)
+    assert q.data[1, 150].float() == -E4M3_MAX                         # amax maps to +-448 exactly
+    assert (q.data[:, 200:].float() == 0).all() and (q.data[3:].float() == 0).all()
+    assert torch.isfinite(q.scale).all() and (q.scale > 0).all()        # all-zero tiles stay finite
+    w = torch.randn(2, 130, 140)
+    b = quantize_blocks(w)
+    assert b.data.shape == (2, 256, 256) and b.scale.shape == (2, 2, 2)
+    assert b.scale[1, 1, 0] == w[1, 128:, :128].abs().max() * (1 / E4M3_MAX)
+
+
+# ----------------------------------------------------------------------------- the FP8 linear
+
+def emulated(power_of_two=False, cache=False):
+    return FP8Recipe(EmulatedBackend(power_of_two), cache_fp8_activations=cache)
+
+
+def deq_tiles(x):      # x [R, C] -> dequantised 1x128 tiles along C, unpadded
+    return dequantize(quantize_tiles(x))[: x.shape[0], : x.shape[1]]
+
+
+def deq_blocks(w):
+    return dequantize(quantize_blocks(w))[: w.shape[0], : w.shape[1]]
+
+
+def assert_matches(actual, reference):
+    torch.testing.assert_close(actual, reference, rtol=1e-6, atol=1e-6 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("m, k, n", [(256, 256, 384), (70, 200, 136)])
+@pytest.mark.parametrize("cache", [False, True])
+def test_linear_equals_dequantised_reference(m, k, n, cache):
+    x = with_outliers(2, m // 2, k, seed=1).requires_grad_()
+    w = (0.05 * torch.randn(n, k)).requires_grad_()
+    grad = torch.randn(2, m // 2, n)
+    y = FP8Gemm(emulated(cache=cache))(x, w)
+    y.backward(grad)
+
+    x2, g2 = x.detach().reshape(m, k), grad.reshape(m, n)
+    assert_matches(y.detach().reshape(m, n), deq_tiles(x2) @ deq_blocks(w.detach()).t())
+    # Dgrad: grad in tiles along N (its reduction dim), W^T in 128x128 blocks (the same blocks)
+    assert_matches(x.grad.reshape(m, k), deq_tiles(g2) @ deq_blocks(w.detach().t().contiguous()).t())
+    # Wgrad: grad^T and x^T in tiles along the tokens
+    assert_matches(w.grad, deq_tiles(g2.t()) @ deq_tiles(x2.t()).t())
+
+    exact = x2 @ w.detach().t()
+    rel = (y.detach().reshape(m, n) - exact).norm() / exact.norm()
+    assert 1e-4 < rel < 5e-2                                           # quantised, and still close
+
+
+def test_weight_grad_is_separable():
+    x, w, grad = torch.randn(64, 256), torch.randn(128, 256), torch.randn(64, 128)
+    recipe = emulated()
+    wv = w.clone().requires_grad_()
+    FP8Gemm(recipe)(x, wv).backward(grad)
+    deferred = fp8_weight_grad(x, grad, recipe, (128, 256))
+    along_tokens = [recipe.backend.quantize_act(t, rows=False, cols=True)[1] for t in (x, grad)]
+    cached = fp8_weight_grad(*along_tokens, recipe, (128, 256))
+    assert torch.equal(wv.grad, deferred) and torch.equal(deferred, cached)
+
+
+def test_deferral_wrapper_pattern():
+    """A zero-bubble wrapper calls the gemm with the weight detached for Dgrad now, and with the
+    weight alone requiring grad for Wgrad later: the two halves equal one full backward."""
+    x, w, grad = torch.randn(64, 256), torch.randn(128, 256), torch.randn(64, 128)
+    gemm = FP8Gemm(emulated())
+    xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+    gemm(xf, wf).backward(grad)
+    xd = x.clone().requires_grad_()
+    gemm(xd, w).backward(grad)                                         # Dgrad only
+    wd = w.clone().requires_grad_()
+    gemm(x, wd).backward(grad)                                         # Wgrad only
+    assert torch.equal(xd.grad, xf.grad) and torch.equal(wd.grad, wf.grad)
+
+
+def test_tensor_parallel_shards_compute_the_full_product():
+    """Column- and row-parallel shards cut W at multiples of 128, along block edges, so each
+    shard's FP8 GEMM sees the same tiles and blocks as the full one: column shards give slices of
+    the full output exactly, row shards partial sums that add up to it."""
+    x, w = with_outliers(96, 256, seed=4), 0.05 * torch.randn(256, 256)
+    gemm = FP8Gemm(emulated())
+    full = gemm(x, w)
+    columns = torch.cat([gemm(x, shard) for shard in w.chunk(2, dim=0)], dim=-1)
+    rows = sum(gemm(xs, ws) for xs, ws in zip(x.chunk(2, dim=-1), w.chunk(2, dim=-1)))
+    assert torch.equal(columns, full)
+    assert_matches(rows, full)
+
+
+def test_power_of_two_linear_differs_but_stays_close():
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(128, 256, generator=g), 0.05 * torch.randn(256, 256, generator=g)
+    exact = x @ w.t()
+    plain, pow2 = FP8Gemm(emulated())(x, w), FP8Gemm(emulated(power_of_two=True))(x, w)
+    assert not torch.equal(plain, pow2)
+    for y in (plain, pow2):
+        assert (y - exact).norm() / exact.norm() < 5e-2
+
+
+# ----------------------------------------------------------------------------- grouped experts
+
+@pytest.mark.parametrize("counts, k, n", [([0, 3, 130, 40], 200, 136), ([128, 256], 256, 128)])
+def test_grouped_equals_dequantised_reference(counts, k, n):
+    total = sum(counts)
+    x = with_outliers(total, k, seed=2).requires_grad_()
+    w = (0.05 * torch.randn(len(counts), n, k)).requires_grad_()
+    grad = torch.randn(total, n)
+    y = FP8GroupedGemm(emulated())(x, w, torch.tensor(counts))
+    y.backward(grad)
+
+    ys, dxs = [], []
+    dw = torch.zeros(len(counts), n, k)
+    for e, (xe, ge) in enumerate(zip(x.detach().split(counts), grad.split(counts))):
+        ys.append(deq_tiles(xe) @ deq_blocks(w.detach()[e]).t())
+        dxs.append(deq_tiles(ge) @ deq_blocks(w.detach()[e].t().contiguous()).t())
+        if counts[e]:
+            dw[e] = deq_tiles(ge.t()) @ deq_tiles(xe.t()).t()          # tiles along this expert's tokens
+    assert_matches(y.detach(), torch.cat(ys))
+    assert_matches(x.grad, torch.cat(dxs))
+    assert_matches(w.grad, dw)
+    assert counts[0] or (w.grad[0] == 0).all()                         # an empty expert gets zero gradient
+
+
+# ----------------------------------------------------------------------------- the model hooks
+
+def test_apply_fp8_hooks_the_right_modules():
+    cfg = load_config("configs/tiny.yaml", ["parallel.tp=1", "fp8.enabled=true", "fp8.exclude=['layers.0.self_attn.*']"])
+    model = DeepSeekV3(cfg.model)
+    apply_fp8(model, cfg.fp8)
+    kept = {"lm_head", "mtp.0.eh_proj"} | {f"layers.0.self_attn.{p}" for p in
+                                           ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")}
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+    assert kept <= linears.keys()
+    for name, module in linears.items():
+        assert (module.gemm is F.linear) == (name in kept), name
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    assert len(experts) == 4 and all(isinstance(m.grouped_gemm, FP8GroupedGemm) for m in experts)
+
+    untouched = DeepSeekV3(load_config("configs/tiny.yaml", ["parallel.tp=1"]).model)
+    apply_fp8(untouched, load_config("configs/tiny.yaml").fp8)         # fp8.enabled is false there
+    assert all(m.gemm is F.linear for m in untouched.modules() if isinstance(m, Linear))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is present")
+def test_torch_backend_is_refused_without_hopper():
+    cfg = load_config("configs/tiny.yaml", ["fp8.enabled=true", "fp8.backend=torch"])
+    with pytest.raises(ValueError, match=r"fp8\.backend=torch needs a Hopper GPU.*use fp8\.backend=emulated"):
+        apply_fp8(DeepSeekV3(cfg.model), cfg.fp8)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("fp8.backend=cuda", r"fp8\.backend must be emulated or torch"),
+    ("fp8.exclude=[1]", r"fp8\.exclude must be a list of module name patterns"),
+])
+def test_fp8_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny.yaml", ["fp8.enabled=true", override]).validate(world_size=4)
+
+
+def test_torch_backend_on_cpu_device_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"fp8\.backend=torch .* train\.device=cpu; use fp8\.backend=emulated"):
+        load_config("configs/bench-h100.yaml", ["train.device=cpu"]).validate(world_size=1)
+
+
+def test_bench_config_validates():
+    cfg = load_config("configs/bench-h100.yaml").validate(world_size=1)
+    m = cfg.model
+    assert (m.num_layers, m.first_k_dense, m.hidden_size, m.n_routed_experts, m.vocab_size) == (4, 1, 2048, 64, 129280)
+    assert cfg.train.seq_len == 4096 and cfg.train.micro_batch == 1 and cfg.fp8.backend == "torch"
+
+
+# ----------------------------------------------------------------------------- training
+
+STEPS = 8   # the demo model on a cut-down schedule (CPU time): batch 4 x 64 tokens, 2 warm-up steps;
+# the loss falls from ~8.1 to ~5.3 over them
+
+
+def train_tiny(tmp_path, data_cache, fp8):
+    overrides = ["parallel.tp=1", f"train.steps={STEPS}", "train.global_batch=4", "train.micro_batch=4",
+                 "train.seq_len=64", "train.warmup_steps=2", "train.eval_interval=0", "checkpoint.save_at_end=false",
+                 "checkpoint.interval=0", "data.synthetic_docs=2000", "data.synthetic_valid_docs=100",
+                 f"data.cache_dir={data_cache}", f"train.run_dir={tmp_path / str(fp8)}", f"fp8.enabled={fp8}"]
+    cfg = load_config("configs/tiny.yaml", overrides).validate(world_size=1)
+    trainer = Trainer(cfg, prepare_data(cfg.data, cfg.model.vocab_size))       # applies FP8 when enabled
+    hooked = [m.gemm for m in trainer.model.modules() if isinstance(m, Linear)]
+    assert any(isinstance(g, FP8Gemm) for g in hooked) == (fp8 == "true")
+    losses = []
+    for _ in range(STEPS):
+        result = trainer.train_step(trainer.train_batches.next_step())
+        trainer.step += 1
+        assert not result.skipped
+        losses.append(result.loss)
+    return losses
+
+
+def test_tiny_training_with_emulated_fp8_tracks_fp32(tmp_path, data_cache):
+    reference = train_tiny(tmp_path, data_cache, "false")
+    fp8 = train_tiny(tmp_path, data_cache, "true")
+    assert reference[-1] < 0.7 * reference[0]                          # it learned
+    assert math.isclose(fp8[-1], reference[-1], rel_tol=0.02), (fp8[-1], reference[-1])

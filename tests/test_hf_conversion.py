@@ -1,0 +1,179 @@
+"""Conversion to and from the HuggingFace DeepseekV3 layout.
+
+A small random model (1 dense + 2 MoE layers, MTP depth 1, query compression, YaRN, routed
+scaling, random router biases) is saved by megads, exported, and loaded by `transformers`;
+its fp32 logits must equal megads' within 1e-5 relative. Importing the export and exporting
+again must reproduce every file bit for bit; FP8 export must store the released layout and
+import back to the blockwise-dequantised weights.
+"""
+import filecmp
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from megads.checkpoint import CheckpointError, CheckpointReader, load_model_weights, save_checkpoint
+from megads.checkpoint.convert import from_hf, reshard, to_hf
+from megads.checkpoint.hf import dequantise_weight, quantise_weight
+from megads.config import ModelConfig
+from megads.model.deepseek_v3 import DeepSeekV3
+from megads.parallel.mesh import Mesh
+
+CONFIG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=3, first_k_dense=1, intermediate_size=128,
+                     moe_intermediate_size=32, num_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=32,
+                     qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                     n_group=4, topk_group=2, routed_scaling_factor=2.5, rope_factor=40.0,
+                     original_max_position_embeddings=64, max_position_embeddings=4096, mtp_depth=1, init_std=0.08)
+
+
+class NoOptimizer:
+    """A model saved before any update: no optimizer state."""
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    model = DeepSeekV3(CONFIG)
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)                                  # norms: not all ones
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0.0, 0.05)       # selection differs from the scores
+    ckpt = save_checkpoint(str(root / "megads"), 7, model, NoOptimizer(), Mesh(), {"step": 7}, keep_last=1,
+                           metadata={"model_config": CONFIG.__dict__})
+    return root, model, ckpt
+
+
+def test_transformers_logits_match(exported):
+    from transformers import DeepseekV3ForCausalLM
+    root, model, ckpt = exported
+    summary = to_hf(ckpt, str(root / "fp32"), dtype=torch.float32)
+    assert summary["mtp_layers"] == 1
+    hf, info = DeepseekV3ForCausalLM.from_pretrained(str(root / "fp32"), dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"], info["missing_keys"]
+    assert all(k.startswith("model.layers.3.") for k in info["unexpected_keys"])   # MTP: not implemented there
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        ours = model.logits(model.hidden_states(tokens))
+        theirs = hf(tokens).logits
+    rel = ((ours - theirs).abs().max() / theirs.abs().max()).item()
+    assert rel <= 1e-5, f"logits differ: max relative difference {rel:.2e}"
+
+
+def test_round_trip_is_bitwise_and_keeps_mtp(exported):
+    root, model, ckpt = exported
+    first, back, second = root / "bf16", root / "back", root / "bf16-again"
+    to_hf(ckpt, str(first))
+    result = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "from-hf", str(first), str(back)], check=True,
+                            capture_output=True, text=True)
+    assert "from-hf: wrote" in result.stdout and "shared_copies_checked=2" in result.stdout
+    to_hf(str(back), str(second))
+    assert sorted(os.listdir(first)) == sorted(os.listdir(second))
+    match, mismatch, errors = filecmp.cmpfiles(first, second, os.listdir(first), shallow=False)
+    assert not mismatch and not errors, (mismatch, errors)
+    with open(first / "model.safetensors.index.json") as f:
+        names = json.load(f)["weight_map"]
+    assert {"model.layers.3.eh_proj.weight", "model.layers.3.enorm.weight", "model.layers.3.embed_tokens.weight",
+            "model.layers.3.shared_head.head.weight", "model.layers.3.mlp.experts.7.down_proj.weight"} <= set(names)
+    reloaded = DeepSeekV3(CONFIG)
+    load_model_weights(str(back), reloaded)
+    for name, value in model.state_dict().items():
+        expected = value if name.endswith("e_score_correction_bias") else value.to(torch.bfloat16).float()
+        assert torch.equal(reloaded.state_dict()[name], expected), name
+    assert CheckpointReader(str(back)).metadata["step"] == 0
+
+
+def test_fp8_export_and_dequantised_import(exported):
+    root, model, ckpt = exported
+    to_hf(ckpt, str(root / "fp8"), fp8=True)
+    with open(root / "fp8" / "config.json") as f:
+        assert json.load(f)["quantization_config"]["weight_block_size"] == [128, 128]
+    with safe_open(str(root / "fp8" / "model-00001-of-00001.safetensors"), framework="pt") as f:
+        w8 = f.get_tensor("model.layers.1.self_attn.kv_b_proj.weight")                   # [256, 32]
+        scale = f.get_tensor("model.layers.1.self_attn.kv_b_proj.weight_scale_inv")
+        assert w8.dtype == torch.float8_e4m3fn and scale.shape == (2, 1) and scale.dtype == torch.float32
+        assert f.get_tensor("model.layers.3.eh_proj.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.bfloat16
+    from_hf(str(root / "fp8"), str(root / "fp8-back"), dequant_dtype=torch.float32)
+    reader = CheckpointReader(str(root / "fp8-back"))
+    for name in ("layers.1.self_attn.kv_b_proj.weight", "mtp.0.layer.self_attn.o_proj.weight"):
+        w = model.state_dict()[name]
+        assert torch.equal(reader.read("model." + name), dequantise_weight(*quantise_weight(w), name)), name
+    experts = model.state_dict()["layers.2.mlp.experts.up_proj"]
+    got = reader.read("model.layers.2.mlp.experts.up_proj")
+    assert all(torch.equal(got[j], dequantise_weight(*quantise_weight(experts[j]), "e")) for j in range(8))
+    assert (got - experts).abs().max() <= experts.abs().max() / 8                # e4m3: 3 mantissa bits
+
+
+def test_dequantise_handles_partial_blocks():
+    w = torch.randn(200, 130)
+    w8, scale = quantise_weight(w)
+    assert w8.shape == (200, 130) and scale.shape == (2, 2)
+    assert ((dequantise_weight(w8, scale, "w") - w).abs() <= w.abs().max() / 8).all()
+    with pytest.raises(ValueError, match="w_scale_inv has shape \\[1, 2\\], expected \\[2, 2\\]"):
+        dequantise_weight(w8, scale[:1], "w")
+
+
+def test_reshard_recuts_pieces(exported):
+    root, model, ckpt = exported
+    out = root / "tp2ep4"
+    reshard(ckpt, str(out), tp=2, ep=4)
+    reader = CheckpointReader(str(out))
+    assert len(reader.tensors["model.layers.1.mlp.experts.gate_proj"]["pieces"]) == 4
+    assert len(reader.tensors["model.embed_tokens.weight"]["pieces"]) == 2
+    for name, value in model.state_dict().items():
+        assert torch.equal(reader.read("model." + name), value), name
+
+
+def test_broken_hf_checkpoint_names_the_tensor(exported, tmp_path):
+    root, model, ckpt = exported
+    to_hf(ckpt, str(tmp_path / "hf"), dtype=torch.float32)
+    index_path = tmp_path / "hf" / "model.safetensors.index.json"
+    with open(index_path) as f:
+        index = json.load(f)
+    del index["weight_map"]["model.layers.2.mlp.experts.5.gate_proj.weight"]
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    with pytest.raises(CheckpointError, match=r"no tensor model\.layers\.2\.mlp\.experts\.5\.gate_proj\.weight"):
+        from_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    assert not os.path.exists(tmp_path / "back")
+
+
+RELEASED = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+            "hidden_size": 7168, "num_hidden_layers": 61, "first_k_dense_replace": 3, "intermediate_size": 18432,
+            "moe_intermediate_size": 2048, "num_attention_heads": 128, "num_key_value_heads": 128,
+            "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+            "v_head_dim": 128, "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+            "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "norm_topk_prob": True, "hidden_act": "silu",
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000, "max_position_embeddings": 163840,
+            "num_nextn_predict_layers": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+            "rope_scaling": {"type": "yarn", "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                             "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1},
+            "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                    "weight_block_size": [128, 128]}}
+
+
+def test_released_config_maps_both_ways():
+    from megads.checkpoint.hf import hf_config, model_config
+    cfg = model_config(RELEASED)
+    assert (cfg.num_layers, cfg.first_k_dense, cfg.q_lora_rank, cfg.mtp_depth, cfg.rope_factor, cfg.mscale_all_dim,
+            cfg.original_max_position_embeddings, cfg.n_group, cfg.topk_group) == (61, 3, 1536, 1, 40.0, 1.0, 4096, 8, 4)
+    written = hf_config(cfg, torch.bfloat16, fp8=True)
+    for key, value in RELEASED.items():
+        if key == "rope_scaling":
+            assert {k: written[key][k] for k in value} == value
+        elif key not in ("quantization_config",):
+            assert written[key] == value, key
+    assert written["quantization_config"]["weight_block_size"] == [128, 128]
+    with pytest.raises(ValueError, match="rope scaling 'linear' is not supported"):
+        model_config({**RELEASED, "rope_scaling": {"type": "linear", "factor": 2.0}})
