@@ -102,12 +102,6 @@ class LocalOptimizer:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
-
 
 # ----------------------------------------------------------------------------- DeepSpeed
 
@@ -257,13 +251,6 @@ class DeepSpeedOptimizer:
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
-
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict([state] * self.mesh.dp, load_optimizer_states=True,
-                                       load_from_fp32_weights=True)
 
 
 def build_step_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, cfg: Config):
