@@ -70,6 +70,14 @@ def test_metrics_and_tensorboard(tmp_path, data_cache):
     assert "valid_loss" in rows[2]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
 
+    # tools/plot_metrics.py draws the run's curves (a PNG of the panels' size).
+    picture = tmp_path / "curves.png"
+    subprocess.run([sys.executable, "tools/plot_metrics.py", str(picture), f"{tmp_path}:tiny"], check=True, timeout=120)
+    with open(picture, "rb") as f:
+        header = f.read(24)
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(header[16:20], "big") > int.from_bytes(header[20:24], "big") > 300    # 3 x 2 panels
+
 
 def _poison(trainer, steps):
     """Make the first layer's output NaN while trainer.step is in `steps`."""
