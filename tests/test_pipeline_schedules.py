@@ -193,18 +193,6 @@ def test_valid_pipeline_config_passes():
     assert cfg.validate(2).parallel.pp == 2
 
 
-def test_overlapped_pair_alternates_backward_and_forward_pieces():
-    from megads.parallel.pipeline.overlap import overlapped_forward_backward
-    log = []
-
-    def pieces(name, n):
-        for i in range(n):
-            log.append(f"{name}{i}")
-            yield
-    overlapped_forward_backward(pieces("F", 3), pieces("B", 5))
-    assert log == ["B0", "F0", "B1", "F1", "B2", "F2", "B3", "B4"]
-
-
 def test_plot_schedule_draws_simulated_and_measured_timelines(tmp_path):
     import json
     from tools.plot_schedule import main

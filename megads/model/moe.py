@@ -3,6 +3,7 @@ the sequence-wise balance loss, shared experts, no token dropping (DeepSeek-V3 r
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -102,6 +103,19 @@ class GroupedExperts(nn.Module):
         hidden = F.silu(self.grouped_gemm(x, self.gate_proj, counts)) * self.grouped_gemm(x, self.up_proj, counts)
         return self.grouped_gemm(hidden, self.down_proj, counts)
 
+    # The MoE layer's three steps; on one rank every expert is here, so nothing is sent
+    # (`ExpertParallelExperts` sends rows to and from the ranks holding their experts).
+
+    def dispatch_tokens(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Rows [n, d] sorted by expert -> the rows for this rank's experts, their counts, no plan."""
+        return x, counts, None
+
+    def compute(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return self(x, counts)
+
+    def combine_tokens(self, y: torch.Tensor, plan: None) -> torch.Tensor:
+        return y
+
 
 # ----------------------------------------------------------------------------- the balance loss
 
@@ -156,6 +170,21 @@ def sequence_balance_loss(scores: torch.Tensor, expert_ids: torch.Tensor, n_expe
     return alpha * (f * affinity / length).sum(-1).mean()
 
 
+@dataclass
+class Dispatched:
+    """What the MoE pieces hand each other: dispatch -> run_experts -> combine."""
+    x: torch.Tensor                      # [b, s, d] the MoE input (the shared experts' input)
+    rows: torch.Tensor                   # [n, d] token copies at this rank's experts; their outputs after run_experts
+    counts: torch.Tensor                 # [local experts] rows per expert (int64)
+    plan: object                         # how the rows go back (None without expert parallelism)
+    source: torch.Tensor                 # [t*k] token of each expert-sorted copy (int64)
+    gates: torch.Tensor                  # [t*k] gate weight of each sorted copy (fp32)
+    routed_shape: tuple[int, int, int]   # (b, s, d) of the routed tokens (this TP rank's slice)
+    balance_loss: torch.Tensor | None    # the sequence-wise balance loss, attached in combine
+    shared: torch.Tensor | None = None   # [b, s, d] shared experts' output, from run_experts
+    residual: torch.Tensor | None = None  # the decoder layer's residual, carried for it
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -180,36 +209,53 @@ class MoE(nn.Module):
         return self.n_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, s, d] -> [b, s, d]: the three pieces in a row."""
+        return self.combine(self.run_experts(self.dispatch(x)))
+
+    # The pieces a pipeline's overlapped F&B action interleaves with another micro-batch's backward:
+    # `dispatch` and `combine` hold the expert-parallel all-to-alls, `run_experts` the computation.
+
+    def dispatch(self, x: torch.Tensor) -> Dispatched:
+        """Route the tokens of x [b, s, d] and send each token copy to its expert's rank."""
         routed_in = self.split_tokens(x) if self.split_tokens is not None else x
         b, s, d = routed_in.shape
         tokens = routed_in.reshape(-1, d)
         expert_ids, weights, scores = self.gate(tokens)                           # [t, k], [t, k], [t, e]
         if torch.is_grad_enabled():
             self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.n_experts).float()
-        out = self.route(tokens, expert_ids, weights).view(b, s, d)
+        balance = None
         if self.balance_alpha > 0:
-            loss = sequence_balance_loss(scores.view(b, s, -1), expert_ids.view(b, s, -1), self.n_experts,
-                                         self.balance_alpha, self.reduce_sequence_stats)
-            self.last_balance_loss = loss.detach()
-            if torch.is_grad_enabled():
-                out = _AttachLoss.apply(out, loss)
-        if self.merge_tokens is not None:
-            out = self.merge_tokens(out)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
-
-    def route(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Send each token to its k experts, run them, and sum the weighted results. [t, d] -> [t, d]."""
+            balance = sequence_balance_loss(scores.view(b, s, -1), expert_ids.view(b, s, -1), self.n_experts,
+                                            self.balance_alpha, self.reduce_sequence_stats)
+            self.last_balance_loss = balance.detach()
         k = expert_ids.shape[1]
         flat = expert_ids.flatten()
-        order = flat.argsort(stable=True)                                        # rows sorted by expert
-        source = order // k                                                      # token of each sorted row
+        order = flat.argsort(stable=True)                                        # copies sorted by expert
+        source = order // k                                                      # token of each sorted copy
         counts = torch.bincount(flat, minlength=self.n_experts)
-        out = self.experts(tokens[source], counts)                               # [t*k, d]
-        out = out.float() * weights.flatten()[order].unsqueeze(-1)
-        return torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device) \
-            .index_add_(0, source, out).to(tokens.dtype)
+        rows, local_counts, plan = self.experts.dispatch_tokens(tokens[source], counts)
+        return Dispatched(x, rows, local_counts, plan, source, weights.flatten()[order], (b, s, d), balance)
+
+    def run_experts(self, st: Dispatched) -> Dispatched:
+        """The local experts on the rows dispatched to them, and the shared experts on all tokens
+        (which need no communication, so they can run while the dispatch is in flight)."""
+        shared = self.shared_experts(st.x) if self.shared_experts is not None else None
+        return replace(st, rows=self.experts.compute(st.rows, st.counts), shared=shared)
+
+    def combine(self, st: Dispatched) -> torch.Tensor:
+        """Send the expert outputs back, sum each token's copies weighted by their gates, add the
+        shared experts. -> [b, s, d]"""
+        b, s, d = st.routed_shape
+        out = self.experts.combine_tokens(st.rows, st.plan).float() * st.gates.unsqueeze(-1)   # [t*k, d]
+        out = torch.zeros(b * s, d, dtype=torch.float32, device=out.device) \
+            .index_add_(0, st.source, out).to(st.x.dtype).view(b, s, d)
+        if st.balance_loss is not None and torch.is_grad_enabled():
+            out = _AttachLoss.apply(out, st.balance_loss)
+        if self.merge_tokens is not None:
+            out = self.merge_tokens(out)
+        if st.shared is not None:
+            out = out + st.shared
+        return out
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, gamma: float, recenter: bool) -> None:

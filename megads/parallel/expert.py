@@ -78,7 +78,11 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [n, d] sorted by global expert, counts [E] -> [n, d] expert outputs, same order."""
         received, local_counts, plan = self.dispatch_tokens(x, counts)
-        return self.combine_tokens(self.local(received, local_counts), plan)
+        return self.combine_tokens(self.compute(received, local_counts), plan)
+
+    def compute(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """This rank's experts on the rows dispatched to them (grouped by local expert)."""
+        return self.local(x, counts)
 
     def dispatch_tokens(self, x: torch.Tensor, counts: torch.Tensor):
         """Send rows to their experts' ranks; returns rows grouped by local expert, the count per

@@ -3,8 +3,9 @@
 Each chunk is a stage of the model (`StageSpec`) held by this rank's pruned `DeepSeekV3`. A
 forward takes the stage input (token ids on the first stage, else a received or locally handed
 over activation, made a leaf so its gradient can be sent back), runs the stage piece by piece
-(`stage_pieces`; backward runs the pieces in reverse), and on the last stage computes the LM and
-MTP losses for the micro-batch. The loss of micro-batch m is
+(`stage_pieces`, `pieces.forward_steps`; backward runs the pieces in reverse), and on the last
+stage computes the LM and MTP losses for the micro-batch. An FB action interleaves the pieces of
+its two halves (`overlap.overlapped_forward_backward`). The loss of micro-batch m is
 divided by the number of micro-batches and the balance loss is scaled the same way, so that the
 step's gradients are those of the non-pipelined step. B defers the weight-gradient GEMMs of the
 plain Linear layers into the `WeightGradStore` under its (chunk, micro-batch); W runs them.
@@ -20,10 +21,12 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from megads.model.block import Piece
 from megads.model.deepseek_v3 import DeepSeekV3
 from megads.model.moe import MoE, balance_loss_scale
-from megads.parallel.pipeline.overlap import overlapped_forward_backward, run_all
+from megads.parallel.pipeline.overlap import Chain, Streams, overlapped_forward_backward, run_all
 from megads.parallel.pipeline.p2p import P2P
+from megads.parallel.pipeline.pieces import Cut, backward_steps, forward_steps, mark_use
 from megads.parallel.pipeline.placement import StageSpec
 from megads.parallel.pipeline.schedules import Action, Schedule
 from megads.parallel.pipeline.zero_bubble import WeightGradStore
@@ -45,7 +48,7 @@ class _StepState:
     outputs: dict = field(default_factory=dict)       # (chunk, mb) -> stage output to send (inner stages)
     grads: dict = field(default_factory=dict)         # (chunk, mb) -> gradient of the stage output
     input_grads: dict = field(default_factory=dict)   # (chunk, mb) -> gradient of the stage input, to send
-    pieces: dict = field(default_factory=dict)        # (chunk, mb) -> [(piece input leaf, piece output)]
+    pieces: dict = field(default_factory=dict)        # (chunk, mb) -> [Cut] of its forward, for its backward
     totals: torch.Tensor | None = None                # [loss + balance, lm, mtp, balance] / micro-batches
 
 
@@ -59,6 +62,8 @@ class PipelineExecutor:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.moes = {c: self._stage_moes(s) for c, s in specs.items()}
+        self.streams = Streams(self.device)
+        self.overlap_slots: list[tuple[str | None, str | None]] = []   # the last FB action's slots
 
     def _stage_moes(self, spec: StageSpec) -> list[MoE]:
         moes = [self.model.layers[str(i)].mlp for i in spec.layers]
@@ -68,41 +73,49 @@ class PipelineExecutor:
 
     # ------------------------------------------------------------------ the stage, piece by piece
 
-    def stage_pieces(self, chunk: int, batch: torch.Tensor, mtp_weight: float) -> list[Callable]:
-        """The stage as a chain of pieces h -> h: the embedding (first stage), each layer's attention
-        and MLP / MoE, and on the last stage the head with the LM and MTP losses, which returns
-        (loss, lm_loss, mtp_loss). batch [b, s + 1] token ids."""
+    def stage_pieces(self, chunk: int, batch: torch.Tensor, mtp_weight: float) -> list[Piece]:
+        """The stage as a chain of pieces: the embedding (first stage), each layer's pieces
+        (`DecoderLayer.pieces`: attention, then the MLP or the MoE's dispatch, experts, combine),
+        and on the last stage the head with the LM and MTP losses, which returns (loss, lm_loss,
+        mtp_loss). batch [b, s + 1] token ids."""
         spec, model = self.specs[chunk], self.model
         tokens, targets = batch[:, :-1], batch[:, 1:]
         cos, sin = model.rope(tokens.shape[1], tokens.device)
-        pieces = [lambda _: model.embed_tokens(tokens)] if spec.first else []
+        pieces = [Piece("embed", False, lambda _: model.embed_tokens(tokens))] if spec.first else []
         for i in spec.layers:
-            layer = model.layers[str(i)]
-            pieces += [lambda h, layer=layer: layer.attend(h, cos, sin), layer.feed_forward]
+            pieces += [p._replace(name=f"layers.{i}.{p.name}") for p in model.layers[str(i)].pieces(cos, sin)]
         if spec.last:
             def head(h: torch.Tensor):
                 lm_loss = model.token_losses(model.logits(h).flatten(0, 1).float(), targets.flatten()).mean()
                 mtp_loss = model.mtp_loss(h, tokens, targets)
                 return lm_loss + mtp_weight * mtp_loss, lm_loss, mtp_loss
-            pieces.append(head)
-        return pieces
+            pieces.append(Piece("head", False, head))
+        return [p._replace(fn=self._under_autocast(p.fn)) for p in pieces]
+
+    def _under_autocast(self, fn: Callable) -> Callable:
+        def run(state):
+            with self.autocast():
+                return fn(state)
+        return run
 
     # ------------------------------------------------------------------ actions
 
-    def forward_pieces(self, st: _StepState, chunk: int, mb: int) -> Iterator[None]:
-        """Run the forward of (chunk, mb), yielding after each piece. Piece boundaries are cut
-        (the next piece starts from a leaf), so that backward can also run piece by piece."""
+    def forward_chain(self, st: _StepState, chunk: int, mb: int) -> Chain:
+        pieces = self.stage_pieces(chunk, st.micro_batches[mb], st.mtp_weight)
+        return Chain(pieces, self._forward(st, chunk, mb, pieces))
+
+    def backward_chain(self, st: _StepState, chunk: int, mb: int, defer_weights: bool) -> Chain:
+        cuts = st.pieces.pop((chunk, mb))
+        return Chain([c.piece for c in reversed(cuts)], self._backward(st, chunk, mb, cuts, defer_weights))
+
+    def _forward(self, st: _StepState, chunk: int, mb: int, pieces: list[Piece]) -> Iterator[None]:
+        """Forward of (chunk, mb) piece by piece (`pieces.forward_steps`), then its bookkeeping:
+        the stage output to send or hand over, or the scaled loss to differentiate; the statistics."""
         n = len(st.micro_batches)
-        h = st.inputs.get((chunk, mb))
-        cuts = []
-        for piece in self.stage_pieces(chunk, st.micro_batches[mb], st.mtp_weight):
-            with self.autocast():
-                out = piece(h)
-            cuts.append((h, out))
-            if not isinstance(out, tuple) and torch.is_grad_enabled():
-                out = out.detach().requires_grad_()
-            h = out
-            yield
+        cuts: list[Cut] = []
+        result: list = []
+        yield from forward_steps(pieces, st.inputs.get((chunk, mb)), cuts, result)
+        h = result[0]
         st.pieces[(chunk, mb)] = cuts
         balance = sum((m.last_balance_loss.detach() for m in self.moes[chunk]), torch.zeros((), device=self.device))
         zero = torch.zeros_like(balance)
@@ -114,20 +127,17 @@ class PipelineExecutor:
                 st.inputs[(hop[1], mb)] = h
         else:
             loss, lm_loss, mtp_loss = h
-            cuts[-1] = (cuts[-1][0], loss / n)
+            if cuts:
+                cuts[-1].roots = [loss / n]
             st.totals += torch.stack([loss.detach() + balance, lm_loss.detach(), mtp_loss.detach(), balance]).double() / n
 
-    def backward_pieces(self, st: _StepState, chunk: int, mb: int, defer_weights: bool) -> Iterator[None]:
-        """Backward of (chunk, mb) piece by piece (last first), yielding after each; with
-        `defer_weights` the plain Linear weight gradients wait for the W action."""
-        cuts = st.pieces.pop((chunk, mb))
+    def _backward(self, st: _StepState, chunk: int, mb: int, cuts: list[Cut], defer_weights: bool) -> Iterator[None]:
+        """Backward of (chunk, mb) piece by piece, last first (`pieces.backward_steps`); with
+        `defer_weights` the plain Linear weight gradients wait for the W action. Then the
+        gradient of the stage input is handed over or kept to send."""
         st.outputs.pop((chunk, mb), None)
-        grad = st.grads.pop((chunk, mb), None)
-        for inp, out in reversed(cuts):
-            with self.store.collect((chunk, mb)) if defer_weights else contextlib.nullcontext():
-                torch.autograd.backward(out, grad)
-            grad = inp.grad if inp is not None else None
-            yield
+        around = (lambda: self.store.collect((chunk, mb))) if defer_weights else contextlib.nullcontext
+        yield from backward_steps(cuts, st.grads.pop((chunk, mb), None), around)
         x = st.inputs.pop((chunk, mb), None)
         if x is None:
             return
@@ -140,16 +150,18 @@ class PipelineExecutor:
     def execute(self, st: _StepState, a: Action) -> None:
         s = self.schedule
         if a.kind == "F":
-            run_all(self.forward_pieces(st, a.chunk, a.mb))
+            run_all(self.forward_chain(st, a.chunk, a.mb), self.streams)
         elif a.kind in ("B", "BW"):
-            run_all(self.backward_pieces(st, a.chunk, a.mb, defer_weights=a.kind == "B"))
+            run_all(self.backward_chain(st, a.chunk, a.mb, defer_weights=a.kind == "B"), self.streams)
         elif a.kind == "W":
             self.store.flush((a.chunk, a.mb))
         elif a.kind == "FB":
-            overlapped_forward_backward(self.forward_pieces(st, a.chunk, a.mb),
-                                        self.backward_pieces(st, a.b_chunk, a.b_mb, defer_weights=False))
+            self.overlap_slots = overlapped_forward_backward(
+                self.forward_chain(st, a.chunk, a.mb),
+                self.backward_chain(st, a.b_chunk, a.b_mb, defer_weights=False), self.streams)
         elif a.kind == "SEND_F":
             peer = s.next_hop(self.rank, a.chunk, a.mb)
+            mark_use([st.outputs[(a.chunk, a.mb)]])
             self.p2p.send(st.outputs[(a.chunk, a.mb)], peer[0], s.tag("SEND_F", *peer, a.mb))
         elif a.kind == "RECV_F":
             x = self.p2p.recv(self.hidden_shape, self.dtype, self.device, s.prev_hop(self.rank, a.chunk, a.mb)[0],
