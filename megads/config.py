@@ -130,6 +130,7 @@ class FP8Config:
     power_of_two_scales: bool = False      # round each scale up to a power of two
     exclude: list = field(default_factory=list)  # module name patterns (fnmatch) kept in high precision
     cache_fp8_activations: bool = False    # save Linear / expert inputs for Wgrad already in FP8
+    cache_weights: bool = True             # quantise each weight once per optimizer step, reuse it per micro-batch
 
 
 @dataclass

@@ -50,7 +50,7 @@ def build_recipe(cfg: Any) -> FP8Recipe:
         backend = TorchBackend(cfg.power_of_two_scales)
     else:
         raise ValueError(f"fp8.backend must be emulated or torch, got {cfg.backend!r}")
-    return FP8Recipe(backend, cache_fp8_activations=cfg.cache_fp8_activations)
+    return FP8Recipe(backend, cache_fp8_activations=cfg.cache_fp8_activations, cache_weights=cfg.cache_weights)
 
 
 def excluded(name: str, patterns: tuple[str, ...]) -> bool:
@@ -60,11 +60,12 @@ def excluded(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns)
 
 
-def apply_fp8(model: nn.Module, cfg: Any) -> None:
-    """Set the FP8 GEMM hooks on `model` when cfg.enabled (cfg: megads.config.FP8Config).
+def apply_fp8(model: nn.Module, cfg: Any) -> FP8Recipe | None:
+    """Set the FP8 GEMM hooks on `model` when cfg.enabled (cfg: megads.config.FP8Config); returns
+    the recipe they share (its `weights` cache must be cleared after each optimizer step), or None.
     Raises ValueError, naming the setting, when the backend cannot run here."""
     if not cfg.enabled:
-        return
+        return None
     recipe = build_recipe(cfg)
     patterns = DEFAULT_EXCLUDE + tuple(cfg.exclude)
     for name, module in model.named_modules():
@@ -74,3 +75,4 @@ def apply_fp8(model: nn.Module, cfg: Any) -> None:
             module.gemm = FP8Gemm(recipe)
         elif isinstance(module, GroupedExperts):
             module.grouped_gemm = FP8GroupedGemm(recipe)
+    return recipe

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from megads.fp8.linear import FP8Recipe, along_tokens, compute_dtype, no_autocast, restore, save
+from megads.fp8.linear import (FP8Recipe, along_tokens, compute_dtype, no_autocast, restore, save,
+                               weight_grad_now_or_later)
 from megads.fp8.quant import QTensor
 
 
@@ -31,20 +32,21 @@ class _FP8Grouped(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, recipe: FP8Recipe) -> torch.Tensor:
         backend, (need_dx, need_dw) = recipe.backend, ctx.needs_input_grad[:2]
         dtype, x_dtype = compute_dtype(x), x.dtype
-        x = x.to(dtype)                                                        # [n, K]
+        x = recipe.cast(x, dtype)                                              # [n, K]
         with no_autocast(x):
-            layout = backend.group_layout(counts, x.shape[0])
-            x_rows, x_cols = backend.quantize_act(x, rows=True, cols=need_dw and recipe.cache_fp8_activations,
-                                                  layout=layout)
-            w_q, w_t = backend.quantize_weight(weight, forward=True, transposed=need_dx)
+            layout = recipe.group_layout(counts, x.shape[0])
+            x_rows, x_cols = recipe.quantize_act(x, rows=True, cols=need_dw and recipe.cache_fp8_activations,
+                                                 layout=layout)
+            w_q, w_t = recipe.weight_blocks(weight, transposed=need_dx)
             y = backend.grouped_mm(x_rows, w_q, layout, x.shape[0], weight.shape[1], dtype)   # [n, N]
         ctx.recipe, ctx.layout, ctx.x_dtype, ctx.w_shape = recipe, layout, x_dtype, tuple(weight.shape)
-        save(ctx, w_t, (x_cols if x_cols is not None else x) if need_dw else None)
+        save(ctx, w_t if need_dx else None, (x_cols if x_cols is not None else x) if need_dw else None,
+             weight if need_dw else None)
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        w_t, x_saved = restore(ctx)
+        w_t, x_saved, weight = restore(ctx)
         backend, (need_dx, need_dw) = ctx.recipe.backend, ctx.needs_input_grad[:2]
         with no_autocast(grad_out):
             g_rows, g_cols = backend.quantize_act(grad_out, rows=need_dx, cols=need_dw, layout=ctx.layout)
@@ -53,7 +55,9 @@ class _FP8Grouped(torch.autograd.Function):
                 grad_x = backend.grouped_mm(g_rows, w_t, ctx.layout, grad_out.shape[0], ctx.w_shape[2],
                                             grad_out.dtype).to(ctx.x_dtype)
         if need_dw:
-            grad_w = fp8_grouped_weight_grad(x_saved, g_cols, ctx.layout, ctx.recipe, ctx.w_shape)
+            layout, recipe, shape = ctx.layout, ctx.recipe, ctx.w_shape
+            grad_w = weight_grad_now_or_later(
+                weight, lambda: fp8_grouped_weight_grad(x_saved, g_cols, layout, recipe, shape))
         return grad_x, grad_w, None, None
 
 

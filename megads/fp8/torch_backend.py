@@ -54,7 +54,7 @@ class TorchBackend:
         return tk.quantize_act(x, self.power_of_two, rows, cols, capacity=layout.row_src.numel(), src=layout.row_src)
 
     def quantize_weight(self, w: torch.Tensor, forward: bool, transposed: bool) -> tuple[QTensor | None, QTensor | None]:
-        """Blocks of w [.., N, K] and of w^T (the same blocks transposed, copied), each when asked for."""
+        """Blocks of w [.., N, K] and of w^T (the same blocks transposed: a copy, no re-quantisation)."""
         q = tk.quantize_weight(w, self.power_of_two, DENSE_MULTIPLE if w.dim() == 2 else TILE)
         return (q if forward else None), (transpose_blocks(q) if transposed else None)
 

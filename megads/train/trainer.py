@@ -75,7 +75,7 @@ class Trainer:
         self.model.init_weights()
         parallelize_tensor(self.model, self.mesh, cfg.parallel.sequence_parallel)
         parallelize_experts(self.model, self.mesh, cfg.parallel.sequence_parallel)
-        apply_fp8(self.model, cfg.fp8)             # on the local shards: FP8 GEMMs see TP / EP slices
+        self.fp8_recipe = apply_fp8(self.model, cfg.fp8)  # on the local shards: FP8 GEMMs see TP / EP slices
         # Under PP the rank keeps its stages only (global names; mirrored copies marked `pipeline_mirror`).
         self.pipeline = build_pipeline(self.model, cfg, self.mesh, self.autocast) if self.mesh.pp > 1 else None
         for moe in self.model.moe_layers():
@@ -111,6 +111,8 @@ class Trainer:
         load_ratio = max(((load.max() / load.mean()).item() for load in loads if load.sum() > 0), default=1.0)
         if math.isfinite(loss):
             outcome = self.stepper.step()
+            if self.fp8_recipe is not None:
+                self.fp8_recipe.clear()            # the weights' FP8 copies are stale after an update
         else:
             self.stepper.zero_grad()
             outcome = None
@@ -226,6 +228,8 @@ class Trainer:
         path = None if c.resume == "none" else latest_checkpoint(self.cfg.checkpoint_dir) if c.resume == "auto" else c.resume
         if path is not None:
             state = load_checkpoint(path, self.model, self.stepper, self.mesh)
+            if self.fp8_recipe is not None:
+                self.fp8_recipe.clear()            # weights are written through .data: no _version bump
             if state is not None:
                 self.load_state_dict(state)
         return path
