@@ -131,6 +131,7 @@ class FP8Config:
     exclude: list = field(default_factory=list)  # module name patterns (fnmatch) kept in high precision
     cache_fp8_activations: bool = False    # save Linear / expert inputs for Wgrad already in FP8
     cache_weights: bool = True             # quantise each weight once per optimizer step, reuse it per micro-batch
+    dispatch: bool = False                 # send the expert-dispatch all-to-all as E4M3 + 1x128 scales (needs parallel.ep > 1)
 
 
 @dataclass
@@ -205,7 +206,7 @@ class Config:
         _validate_train(self.train, self.model)
         _validate_data(self.data)
         _validate_parallel(self.parallel, self.model, self.train, world_size)
-        _validate_fp8(self.fp8, self.train)
+        _validate_fp8(self.fp8, self.train, self.parallel)
         _validate_checkpoint(self.checkpoint)
         _validate_sft(self.sft)
         _validate_grpo(self.grpo)
@@ -446,12 +447,15 @@ def _validate_pipeline(p: ParallelConfig, m: ModelConfig, micro_batches: int, dp
         parse_layout(p.pipeline_layout, m.num_layers, stages, m.mtp_depth > 0)
 
 
-def _validate_fp8(f: FP8Config, t: TrainConfig) -> None:
+def _validate_fp8(f: FP8Config, t: TrainConfig, p: ParallelConfig) -> None:
     _require(f.backend in ("emulated", "torch"), f"fp8.backend must be emulated or torch, got {f.backend!r}")
     _require(isinstance(f.exclude, list) and all(isinstance(p, str) for p in f.exclude),
              f"fp8.exclude must be a list of module name patterns, e.g. ['lm_head', 'layers.0.*'], got {f.exclude!r}")
     _require(not (f.enabled and f.backend == "torch" and t.device == "cpu"),
              "fp8.backend=torch runs on a Hopper GPU, but train.device=cpu; use fp8.backend=emulated on CPU")
+    _require(not f.dispatch or (f.enabled and p.ep > 1),
+             f"fp8.dispatch=true sends the expert-parallel dispatch in FP8, so it needs fp8.enabled=true and "
+             f"parallel.ep > 1 (got fp8.enabled={str(f.enabled).lower()}, parallel.ep={p.ep}); set both or drop fp8.dispatch")
 
 
 def _validate_checkpoint(c: CheckpointConfig) -> None:

@@ -4,7 +4,9 @@ Every `Linear` gets `gemm = FP8Gemm` and every `GroupedExperts` gets `grouped_ge
 FP8GroupedGemm`, except modules matching an exclude pattern. As in DeepSeek-V3 (report,
 3.3.1) the output head stays in high precision, and so does the MTP projection `eh_proj`
 (the released model keeps it in bf16); the embedding, router, norms and attention core are
-not Linear modules and are never touched.
+not Linear modules and are never touched. With `fp8.dispatch` the expert-parallel dispatch
+exchange sends E4M3 rows with their 1x128 scales (megads.fp8.dispatch); the combine stays in
+the activations' dtype, as in the report.
 
 Sizes that are not multiples of 128 are zero-padded inside the FP8 GEMMs (exact), so any
 model shape is accepted; only the multiples of 128 avoid the padding copies.
@@ -12,12 +14,14 @@ model shape is accepted; only the multiples of 128 avoid the padding copies.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib.util
 from typing import Any
 
 import torch
 from torch import nn
 
+from megads.fp8.dispatch import fp8_all_to_all
 from megads.fp8.emulated import EmulatedBackend
 from megads.fp8.grouped import FP8GroupedGemm
 from megads.fp8.linear import FP8Gemm, FP8Recipe
@@ -75,4 +79,6 @@ def apply_fp8(model: nn.Module, cfg: Any) -> FP8Recipe | None:
             module.gemm = FP8Gemm(recipe)
         elif isinstance(module, GroupedExperts):
             module.grouped_gemm = FP8GroupedGemm(recipe)
+        elif cfg.dispatch and hasattr(module, "send_rows"):          # expert-parallel experts
+            module.send_rows = functools.partial(fp8_all_to_all, backend=recipe.backend)
     return recipe

@@ -61,6 +61,9 @@ class ExpertParallelExperts(nn.Module):
         self.n_local = n_experts // mesh.ep
         ranks_per_node = mesh.ep // n_group if mesh.ep % n_group == 0 else 1
         self.experts_per_node = self.n_local * ranks_per_node
+        # The dispatch exchange (rows, output splits, input splits, group) -> rows; FP8 training can
+        # replace it to send E4M3 rows (megads.fp8.dispatch, `fp8.dispatch`).
+        self.send_rows = all_to_all
         self.tokens_sent_off_rank = 0           # rows sent to other ranks by grad-enabled forwards
         self.max_nodes_per_token = torch.zeros((), dtype=torch.int64)  # since the last reset
 
@@ -94,7 +97,7 @@ class ExpertParallelExperts(nn.Module):
         send_splits, recv_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
         if torch.is_grad_enabled():
             self.tokens_sent_off_rank += sum(send_splits) - send_splits[self.ep_rank]
-        received = all_to_all(x, recv_splits, send_splits, self.group)      # ordered by (source, expert)
+        received = self.send_rows(x, recv_splits, send_splits, self.group)  # ordered by (source, expert)
         # Regroup expert-major: segment (source s, expert j) goes to position key j * ep + s.
         keys = (torch.arange(self.n_local, device=x.device) * self.ep + torch.arange(self.ep, device=x.device)[:, None])
         order = keys.flatten().repeat_interleave(recv_counts.flatten()).argsort(stable=True)
