@@ -221,6 +221,8 @@ class Config:
                  "parallel.tp=1 with expert parallelism, parallel.ep=1 with tensor parallelism, and "
                  "parallel.sequence_parallel=false")
         _require(p.pp == 1, "SFT and GRPO run without pipeline parallelism; set parallel.pp=1")
+        _require(not self.fp8.enabled, "SFT and GRPO train in bf16 / fp32 (FP8 is a pretraining recipe); "
+                                       "set fp8.enabled=false")
         dp = world_size // p.tp
         _require(problems % dp == 0, f"{problems} problems per batch (grpo.prompts_per_step / eval_problems) are not "
                                      f"divisible by the data-parallel size {dp}")

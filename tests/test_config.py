@@ -67,3 +67,13 @@ def test_piecewise_schedules():
     assert [schedule_value([[0, 0.3], [5, 0.1]], s) for s in (0, 4, 5, 9)] == [0.3, 0.3, 0.1, 0.1]
     with pytest.raises(ConfigError, match="train.mtp_loss_weight"):
         load_config("configs/tiny.yaml", ["train.mtp_loss_weight=[[3, 0.1]]"]).validate()
+
+
+def test_generation_layouts_refuse_what_sft_and_grpo_cannot_run():
+    base = load_config("configs/tiny.yaml", ["parallel.tp=1"])
+    base.validate(2).validate_generation_layout(2, 8)                          # DP=2: fine
+    for overrides, words in ((["parallel.pp=2", "parallel.pipeline_schedule=1f1b"], "parallel.pp=1"),
+                             (["fp8.enabled=true"], "fp8.enabled=false")):
+        cfg = load_config("configs/tiny.yaml", ["parallel.tp=1", *overrides]).validate(2)
+        with pytest.raises(ConfigError, match=words):
+            cfg.validate_generation_layout(2, 8)
