@@ -74,6 +74,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     pipeline_schedule: str = "1f1b"        # 1f1b | dualpipe | dualpipev
     pipeline_layout: str | None = None     # stages split by '|', e.g. "Ett|tt|tt|ttLm"; default: even split
+    pipeline_trace_step: int = 0           # > 0: time that step's pipeline actions into <run_dir>/pipeline_trace.json
     zero_stage: int = 1
     deepspeed_config: str | None = None    # extra DeepSpeed JSON merged into the generated one
 
@@ -423,6 +424,9 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world_
              f"parallel.ep={p.ep} does not divide dp * tp = {dp} * {p.tp} = {dp * p.tp} (the ranks of one pipeline stage)")
     _require(t.global_batch % (dp * t.micro_batch) == 0,
              f"train.global_batch={t.global_batch} is not divisible by dp * train.micro_batch = {dp} * {t.micro_batch}")
+    _require(p.pipeline_trace_step >= 0 and (p.pipeline_trace_step == 0 or p.pp > 1),
+             f"parallel.pipeline_trace_step={p.pipeline_trace_step} traces a pipeline step, so it needs parallel.pp > 1 "
+             f"(got pp={p.pp}) and a step number >= 1; set it to 0 to switch tracing off")
     if p.pp > 1:
         _validate_pipeline(p, m, t.global_batch // (dp * t.micro_batch), dp)
 

@@ -206,6 +206,43 @@ def test_plot_schedule_draws_simulated_and_measured_timelines(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _traced_rank(rank, world_size, cache, run_dir):
+    from test_parallel_core import make_config
+    from megads.data import prepare_data
+    from megads.parallel.mesh import build_mesh
+    from megads.train.trainer import Trainer
+    cfg = make_config(cache, ["model.num_layers=4", "train.micro_batch=1", "parallel.pp=2",
+                              "parallel.pipeline_schedule=dualpipe", "parallel.pipeline_trace_step=2",
+                              f"train.run_dir={run_dir}"], world_size)
+    trainer = Trainer(cfg, prepare_data(cfg.data, cfg.model.vocab_size), build_mesh(cfg.parallel))
+    for _ in range(2):
+        trainer.train_step(trainer.train_batches.next_step())
+        trainer.step += 1
+    return [str(a) for a in trainer.pipeline.schedule.actions[trainer.mesh.pp_rank]]
+
+
+def test_a_real_run_records_its_pipeline_timeline(tmp_path, data_cache):
+    """parallel.pipeline_trace_step: step 2 of a DualPipe run on 2 ranks writes each rank's
+    actions, in schedule order with increasing times, and plot_schedule draws them."""
+    import json
+    from distributed import run_ranks
+    from tools.plot_schedule import main
+    orders = run_ranks(_traced_rank, 2, args=(data_cache, str(tmp_path)), timeout=600)
+    spans = json.loads((tmp_path / "pipeline_trace.json").read_text())
+    assert [[name for name, _, _ in rank] for rank in spans] == orders
+    for rank in spans:
+        times = [t for _, start, end in rank for t in (start, end)]
+        assert times == sorted(times) and times[0] >= 0
+    main(["dualpipe", "--pp", "2", "--micro-batches", "8", "--measured", str(tmp_path / "pipeline_trace.json"),
+          "--out", str(tmp_path / "measured.png")])
+    assert (tmp_path / "measured.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trace_step_without_a_pipeline_is_refused():
+    with pytest.raises(ConfigError, match=r"parallel\.pipeline_trace_step=3 .* needs parallel\.pp > 1"):
+        load_config("configs/tiny.yaml", ["parallel.tp=1", "parallel.pipeline_trace_step=3"]).validate(1)
+
+
 def test_sends_out_of_the_receivers_order_are_rejected():
     """Transports that match messages between two ranks in order (NCCL) need sends in receive order."""
     s = build_schedule("1f1b", 2, 4)

@@ -3,6 +3,7 @@ non-finite step skipping, validation, metrics and checkpoints. No maths of its o
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -103,7 +104,10 @@ class Trainer:
         set_lr(self.optimizer, lr_at(t, self.step))
         mtp_weight = schedule_value(t.mtp_loss_weight, self.step)
         if self.pipeline is not None:
-            totals = self.pipeline.train_step(micro_batches, mtp_weight)
+            trace = [] if self.step + 1 == self.cfg.parallel.pipeline_trace_step else None
+            totals = self.pipeline.train_step(micro_batches, mtp_weight, trace)
+            if trace is not None:
+                self.write_pipeline_trace(trace)
         else:
             totals = self.forward_backward(micro_batches, mtp_weight)
         loss, lm_loss, mtp_loss, balance_loss = self.mean_over_dp(totals).tolist()
@@ -144,6 +148,21 @@ class Trainer:
                 totals += torch.stack([out.loss.detach() + balance, out.lm_loss.detach(), out.mtp_loss.detach(),
                                        balance]).double() / n
         return totals
+
+    def write_pipeline_trace(self, spans: list) -> None:
+        """<run_dir>/pipeline_trace.json: per pipeline rank (of the first DP / TP replica) its
+        actions' [name, start, end] in seconds; `tools/plot_schedule.py --measured` draws it."""
+        ranks = [None] * self.mesh.pp
+        dist.all_gather_object(ranks, spans, group=self.mesh.group("pp"))
+        if self.mesh.rank == 0:
+            path = os.path.join(self.cfg.run_dir, "pipeline_trace.json")
+            os.makedirs(self.cfg.run_dir, exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(ranks, f)
+            os.replace(path + ".tmp", path)
+            log.info(f"pipeline timeline of step {self.step + 1} written to {path} "
+                     f"(python tools/plot_schedule.py {self.cfg.parallel.pipeline_schedule} --pp {self.mesh.pp} "
+                     f"--micro-batches {self.pipeline.schedule.n_micro} --measured {path} --out timeline.png)")
 
     def routing_traffic(self) -> tuple[int, int]:
         """Token copies sent to other EP ranks this step (summed over all ranks) and the most EP

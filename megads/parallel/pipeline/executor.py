@@ -15,6 +15,7 @@ the ranks holding them, and the step's loss statistics are summed over the pipel
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -179,17 +180,29 @@ class PipelineExecutor:
 
     # ------------------------------------------------------------------ a step
 
-    def train_step(self, micro_batches: list[torch.Tensor], mtp_weight: float) -> torch.Tensor:
+    def train_step(self, micro_batches: list[torch.Tensor], mtp_weight: float,
+                   trace: list | None = None) -> torch.Tensor:
         """Forward and backward of all micro-batches by the schedule; returns the step's
-        [loss + balance, lm, mtp, balance] (means over micro-batches) summed over the pipeline."""
+        [loss + balance, lm, mtp, balance] (means over micro-batches) summed over the pipeline.
+        With `trace` (a list), the ranks start together and each action's [name, start, end] in
+        seconds is appended to it (on GPU each action is synchronised first: slower, but the spans
+        are the kernels' times) — the input of tools/plot_schedule.py --measured."""
         if len(micro_batches) != self.schedule.n_micro:
             raise ValueError(f"the {self.schedule.name} schedule was built for {self.schedule.n_micro} micro-batches, "
                              f"got {len(micro_batches)}")
         st = _StepState([b.to(self.device) for b in micro_batches], mtp_weight,
                         totals=torch.zeros(4, dtype=torch.float64, device=self.device))
+        if trace is not None and self.pp_group is not None:
+            dist.barrier(group=self.pp_group)
+        started = time.perf_counter()
         with balance_loss_scale(1.0 / len(micro_batches)):
             for a in self.schedule.actions[self.rank]:
+                begin = time.perf_counter()
                 self.execute(st, a)
+                if trace is not None:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    trace.append([str(a), begin - started, time.perf_counter() - started])
         self.p2p.wait_sends()
         if self.store.pending():
             raise RuntimeError(f"weight gradients of {self.store.pending()} were deferred but never computed: "
