@@ -10,7 +10,7 @@ from megads.config import Config
 from megads.model.deepseek_v3 import DeepSeekV3
 from megads.parallel.mesh import Mesh
 from megads.parallel.pipeline.executor import MirrorSet, PipelineExecutor
-from megads.parallel.pipeline.p2p import P2P
+from megads.parallel.pipeline.p2p import build_p2p
 from megads.parallel.pipeline.placement import holders, keep_stages, stage_specs
 from megads.parallel.pipeline.schedules import build_schedule
 from megads.parallel.pipeline.zero_bubble import WeightGradStore, defer_weight_gradients
@@ -47,5 +47,5 @@ def build_pipeline(model: DeepSeekV3, cfg: Config, mesh: Mesh,
         defer_weight_gradients(model)
     chunks = {c: specs[schedule.stage_of(mesh.pp_rank, c)] for c in schedule.chunks(mesh.pp_rank)}
     hidden = (t.micro_batch, t.seq_len // (mesh.tp if p.sequence_parallel else 1), m.hidden_size)
-    return PipelineExecutor(model, schedule, chunks, mesh.pp_rank, P2P(mesh.ranks["pp"]), store, hidden, mirrors,
+    return PipelineExecutor(model, schedule, chunks, mesh.pp_rank, build_p2p(mesh), store, hidden, mirrors,
                             mesh.group("pp"), autocast)
