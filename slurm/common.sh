@@ -17,10 +17,12 @@ megads_enter_checkout() {
     [ -f launch/run.py ] || megads_fail "$MEGADS_HOME is not a megads checkout (no launch/run.py); submit from the checkout or set MEGADS_HOME"
 }
 
-# megads_require_module megads.grpo: stop unless the Python module exists in this checkout.
+# megads_require_module megads.grpo: stop unless the module's source is in this checkout (the ranks run
+# `python -m` from here, so the checkout's copy is the one that runs, whatever else is installed).
 megads_require_module() {
-    "$MEGADS_PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)' "$1" \
-        2>/dev/null || megads_fail "$1 does not exist in $MEGADS_HOME yet, so there is nothing to run; update the checkout"
+    local path=${1//.//}
+    [ -f "$path.py" ] || [ -f "$path/__main__.py" ] \
+        || megads_fail "$1 does not exist in $MEGADS_HOME yet, so there is nothing to run; update the checkout"
 }
 
 # megads_require_file tools/convert_checkpoint.py: stop unless the file exists in this checkout.

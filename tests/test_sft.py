@@ -1,12 +1,17 @@
-"""SFT: only response tokens carry loss, and the step's loss is the masked token mean."""
+"""SFT: only response tokens carry loss, and the step's loss is the masked token mean; a model
+with MTP depths (which post-training does not run) saves and resumes exactly."""
 import random
 
 import pytest
 import torch
 
+from distributed import run_ranks
+from megads.checkpoint import CheckpointReader
 from megads.config import ConfigError, load_config
 from megads.data import prepare_data
 from megads.data.synthetic import make_problem
+from megads.parallel.mesh import Mesh, build_mesh
+from megads.rl.policy import build_policy
 from megads.rl.problems import encode_example, held_out_problems, is_held_out, problem_stream, take
 from megads.rl.sft import SFTTrainer, pad_examples
 
@@ -55,3 +60,34 @@ def test_bad_sft_settings_are_refused():
         load_config("configs/tiny.yaml", ["sft.init=/no/such/checkpoint"]).validate()
     with pytest.raises(ConfigError, match="parallel.tp=1 with expert parallelism"):
         load_config("configs/tiny.yaml", ["parallel.tp=2", "parallel.ep=2"]).validate(4).validate_generation_layout(4, 8)
+
+
+def _sft_with_mtp(rank, world_size, run_dir, cache, steps):
+    cfg = load_config("configs/tiny.yaml", SMALL + ["model.mtp_depth=1", "sft.eval_interval=0", "checkpoint.resume=auto", "train.eps=1e-2",
+                                                    f"train.steps={steps}", f"train.run_dir={run_dir}",
+                                                    f"data.cache_dir={cache}"]).validate(world_size)
+    trainer = SFTTrainer(cfg, prepare_data(cfg.data, cfg.model.vocab_size).tokenizer, build_mesh(cfg.parallel))
+    trainer.fit()
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def test_model_with_mtp_saves_and_resumes_exactly(tmp_path, data_cache):
+    """Post-training (SFT here, GRPO alike) runs no MTP depth: the MTP weights are frozen, saved
+    unchanged and without optimizer state, under one process and under ZeRO (DP=2), and resume
+    is bitwise. (A large AdamW eps makes the first steps proportional to the gradient, so that
+    DP=2 agrees to fp32 rounding.)"""
+    straight = _sft_with_mtp(0, 1, tmp_path / "straight", data_cache, 2)
+    _sft_with_mtp(0, 1, tmp_path / "resumed", data_cache, 1)
+    resumed = _sft_with_mtp(0, 1, tmp_path / "resumed", data_cache, 2)     # resumes at step 1
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[n], resumed[n]) for n in straight)
+    reader = CheckpointReader(str(tmp_path / "straight" / "checkpoints" / "step_00000002"))
+    cfg = load_config("configs/tiny.yaml", SMALL + ["model.mtp_depth=1"]).validate()
+    initial = build_policy(cfg, Mesh(), torch.device("cpu"), None).state_dict()
+    mtp = reader.names("model.mtp.")
+    assert mtp and all(torch.equal(reader.read(n), initial[n.removeprefix("model.")]) for n in mtp)
+    moments = reader.names("optimizer.exp_avg.")
+    assert moments and not any(".mtp." in n for n in moments)
+    ranks = run_ranks(_sft_with_mtp, 2, (tmp_path / "zero1", data_cache, 2), timeout=300)
+    for name, value in straight.items():
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=name)

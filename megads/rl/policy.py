@@ -28,6 +28,9 @@ def build_policy(cfg: Config, mesh: Mesh, device: torch.device, init: str | None
     parallelize_experts(model, mesh, cfg.parallel.sequence_parallel)
     if init is not None:
         load_model_weights(init, model, mesh)
+    # Post-training runs no MTP depth: frozen, they keep their pretrained weights under every
+    # optimizer (ZeRO's flat partitions would otherwise weight-decay them without a gradient).
+    model.mtp.requires_grad_(False)
     return model
 
 
