@@ -6,10 +6,16 @@ ways: under the same layout, under PP=2 (DualPipe) x EP=2 x DP=2 (ZeRO-1) and on
 Step 3's loss and every weight and Adam moment after it (saved again by each run, so saving
 under PP and EP is checked too) must agree within fp32 rounding (lr and eps as in the parity
 tests, see tests/test_parallel_core.py). Every run also resumes its own final checkpoint under
-its own layout and must get its state back bit for bit (exact resume).
+its own layout and must get its state back bit for bit (exact resume), and under PP=2 (DualPipe)
+x EP=2 a resumed run must continue exactly as the uninterrupted one.
+
+Damaged or mismatched checkpoints (missing or truncated files, missing pieces, another model
+config) fail to load with an error that names the tensor.
 """
+import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -31,6 +37,11 @@ SMALL = ["parallel.tp=1", "model.hidden_size=64", "model.num_layers=3", "model.i
          "train.global_batch=8", "train.micro_batch=2", "train.warmup_steps=1", "train.lr=2e-4", "train.min_lr=2e-5",
          "train.eps=1e-6", "train.eval_interval=0", "train.log_interval=1", "data.synthetic_docs=2000",
          "data.synthetic_valid_docs=100", "train.seq_aux_alpha=0.01", "train.bias_update_speed=0.01", "train.steps=3"]
+
+# DualPipe needs >= 2 * pp micro-batches per rank: micro_batch 1 (the global batch is unchanged).
+PP2_EP2_DUALPIPE = ["parallel.pp=2", "parallel.ep=2", "parallel.pipeline_schedule=dualpipe", "parallel.zero_stage=1",
+                    "train.micro_batch=1"]
+MEASURED = ("tokens_per_s", "mfu", "memory_gib")     # speed and memory readings: not part of the computation
 
 
 def make_config(cache, run_dir, world_size, *overrides):
@@ -83,10 +94,7 @@ def test_reshard_dp2xtp2_to_pp2xep2_dualpipe_and_single_process(tmp_path, data_c
     saved = os.path.join(source, "checkpoints", "step_00000002")
     assert CheckpointReader(saved).metadata["layout"] == {"dp": 2, "pp": 1, "tp": 2, "ep": 1}
     resume = [f"checkpoint.resume={saved}"]
-    # DualPipe needs >= 2 * pp micro-batches per rank: micro_batch 1 (the global batch is unchanged).
-    targets = {"pp2xep2-dualpipe": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.pipeline_schedule=dualpipe",
-                                        "parallel.zero_stage=1", "train.micro_batch=1"]),
-               "single": (1, [])}
+    targets = {"pp2xep2-dualpipe": (4, PP2_EP2_DUALPIPE), "single": (1, [])}
     for name, (world_size, overrides) in targets.items():
         run_dir = str(tmp_path / name)
         if world_size == 1:
@@ -109,6 +117,38 @@ def test_reshard_dp2xtp2_to_pp2xep2_dualpipe_and_single_process(tmp_path, data_c
     assert any(m.gate.e_score_correction_bias.abs().sum() > 0 for m in model.moe_layers())
 
 
+def _continue(rank, world_size, cache, root, steps):
+    """Train 2 x `steps` steps in one run ("whole") and in two ("split": a fresh trainer resumes the
+    first run's checkpoint); returns the names of this rank's tensors that differ at the end."""
+    data, states = None, {}
+    for name, plan in (("whole", [(2 * steps, "none")]),
+                       ("split", [(steps, "none"), (2 * steps, f"{root}/split/checkpoints/step_{steps:08d}")])):
+        for total, resume in plan:
+            cfg = make_config(cache, f"{root}/{name}", world_size, *PP2_EP2_DUALPIPE, f"train.steps={total}",
+                              f"checkpoint.resume={resume}")
+            data = data or prepare_data(cfg.data, cfg.model.vocab_size)
+            trainer = Trainer(cfg, data, build_mesh(cfg.parallel))
+            trainer.fit()
+        states[name] = trainer.model.state_dict()
+    return [k for k, v in states["whole"].items() if not torch.equal(v, states["split"][k])]
+
+
+def test_pp2xep2_dualpipe_resume_continues_bitwise(tmp_path, data_cache):
+    """Exact resume under PP x EP: 2 + 2 steps with a resume in between equal 4 uninterrupted steps
+    bit for bit (weights on every rank, every tensor of the final checkpoints, the metrics)."""
+    assert run_ranks(_continue, 4, args=(data_cache, str(tmp_path), 2), timeout=900) == [[]] * 4
+    metrics = {name: [{k: v for k, v in json.loads(line).items() if k not in MEASURED}
+                      for line in open(tmp_path / name / "metrics.jsonl")] for name in ("whole", "split")}
+    assert [r["step"] for r in metrics["split"]] == [1, 2, 3, 4]
+    assert metrics["whole"] == metrics["split"]
+    whole, split = (CheckpointReader(str(tmp_path / name / "checkpoints" / "step_00000004"))
+                    for name in ("whole", "split"))
+    assert whole.metadata["layout"] == {"dp": 2, "pp": 2, "tp": 1, "ep": 2}
+    assert sorted(whole.tensors) == sorted(split.tensors)
+    for name in whole.tensors:
+        assert torch.equal(whole.read(name), split.read(name)), name
+
+
 # ----------------------------------------------------------------------------- single process
 
 TINY = ["parallel.tp=1", "model.hidden_size=32", "model.num_layers=2", "model.intermediate_size=64", "model.moe_intermediate_size=16",
@@ -129,7 +169,8 @@ def save_tiny(ckpt_dir, step=1, keep_last=2):
     tokens = torch.randint(0, 64, (2, 9))
     model(tokens[:, :-1], tokens[:, 1:], 0.3).loss.backward()
     stepper.step()
-    return save_checkpoint(str(ckpt_dir), step, model, stepper, Mesh(), {"step": step}, keep_last)
+    return save_checkpoint(str(ckpt_dir), step, model, stepper, Mesh(), {"step": step}, keep_last,
+                           {"model_config": dataclasses.asdict(model.cfg)})
 
 
 def test_keep_last_latest_and_exact_round_trip(tmp_path):
@@ -156,26 +197,38 @@ def _piece_file_of(path, tensor):
         return json.load(f)["tensors"][tensor]["pieces"][0]["file"]
 
 
+def _first_held(path, file):
+    """How errors name the tensors of `file` (the tiny model's only one): the first three in index
+    order, model.embed_tokens.weight first, and a count of the rest."""
+    with open(os.path.join(path, "index.json")) as f:
+        tensors = json.load(f)["tensors"]
+    held = [name for name, entry in tensors.items() if any(p["file"] == file for p in entry["pieces"])]
+    assert held[0] == "model.embed_tokens.weight" and len(held) > 3
+    return re.escape(f"holds tensor {', '.join(held[:3])} and {len(held) - 3} more")
+
+
 def test_missing_file_names_the_tensor(tmp_path):
     path = save_tiny(tmp_path)
-    os.remove(os.path.join(path, _piece_file_of(path, "model.embed_tokens.weight")))
-    with pytest.raises(CheckpointError, match=r"missing rank00000-0\.safetensors, which holds tensor .*model\."):
+    file = _piece_file_of(path, "model.embed_tokens.weight")
+    os.remove(os.path.join(path, file))
+    with pytest.raises(CheckpointError, match=re.escape(f"missing {file}, which ") + _first_held(path, file)):
         load_model_weights(path, tiny_model()[0])
 
 
 def test_truncated_file_names_the_tensor(tmp_path):
     path = save_tiny(tmp_path)
-    file = os.path.join(path, _piece_file_of(path, "model.lm_head.weight"))
-    with open(file, "r+b") as f:
-        f.truncate(os.path.getsize(file) // 2)
-    with pytest.raises(CheckpointError, match=r"truncated .* holds tensor .*model\."):
+    file = _piece_file_of(path, "model.lm_head.weight")
+    with open(os.path.join(path, file), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(path, file)) // 2)
+    with pytest.raises(CheckpointError, match=re.escape(f"{file} is truncated") + ".*; it " + _first_held(path, file)):
         load_model_weights(path, tiny_model()[0])
 
 
 def test_wrong_shape_names_the_tensor(tmp_path):
     path = save_tiny(tmp_path)
     with pytest.raises(CheckpointError, match=r"tensor model\.embed_tokens\.weight has shape \[64, 32\] in checkpoint .* "
-                                              r"but \[128, 32\] in this model"):
+                                              r"but \[128, 32\] in this model; the checkpoint's model config differs: "
+                                              r"vocab_size=64 \(this model: 128\);"):
         load_model_weights(path, tiny_model("model.vocab_size=128")[0])
 
 
@@ -191,7 +244,22 @@ def test_missing_piece_names_the_tensor(tmp_path):
         load_model_weights(path, tiny_model()[0])
 
 
-def test_missing_tensor_is_named(tmp_path):
+# The checkpoint holds 2 layers (layer 1: MoE, 15 tensors) and MTP depth 1 (19 tensors), no query compression.
+MISMATCHES = {
+    "fewer layers": ("model.num_layers=1", "holds tensor model.layers.1.input_layernorm.weight and 14 more, which this "
+                     "model lacks", "num_layers=2 (this model: 1)"),
+    "no mtp": ("model.mtp_depth=0", "holds tensor model.mtp.0.eh_proj.weight and 18 more, which this model lacks",
+               "mtp_depth=1 (this model: 0)"),
+    "more layers": ("model.num_layers=3", "has no tensor model.layers.2.input_layernorm.weight and 14 more, which this "
+                    "model needs", "num_layers=2 (this model: 3)"),
+    "query compression": ("model.q_lora_rank=16", "has no tensor model.layers.0.self_attn.q_a_proj.weight and 8 more, "
+                          "which this model needs", "q_lora_rank=0 (this model: 16)"),
+}
+
+
+@pytest.mark.parametrize("override, tensors, difference", MISMATCHES.values(), ids=MISMATCHES.keys())
+def test_mismatched_model_config_names_the_tensor(tmp_path, override, tensors, difference):
     path = save_tiny(tmp_path)
-    with pytest.raises(CheckpointError, match=r"has no tensor model\.layers\.0\.self_attn\.q_a_proj\.weight"):
-        load_model_weights(path, tiny_model("model.q_lora_rank=16")[0])
+    message = f"{tensors}; the checkpoint's model config differs: {difference};"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_model_weights(path, tiny_model(override)[0])

@@ -3,12 +3,14 @@
 A small random model (1 dense + 2 MoE layers, MTP depth 1, query compression, YaRN, routed
 scaling, random router biases) is saved by megads, exported, and loaded by `transformers`;
 its fp32 logits must equal megads' within 1e-5 relative. Importing the export and exporting
-again must reproduce every file bit for bit; FP8 export must store the released layout and
-import back to the blockwise-dequantised weights.
+again must reproduce every file bit for bit, in one shard or in several (streaming with a
+small shard size); FP8 export must store the released layout and import back to the
+blockwise-dequantised weights. Broken inputs fail with errors that name the tensor.
 """
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -145,6 +147,46 @@ def test_broken_hf_checkpoint_names_the_tensor(exported, tmp_path):
     with open(index_path, "w") as f:
         json.dump(index, f)
     with pytest.raises(CheckpointError, match=r"no tensor model\.layers\.2\.mlp\.experts\.5\.gate_proj\.weight"):
+        from_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    assert not os.path.exists(tmp_path / "back")
+
+
+SHARD = 128 << 10          # the bf16 export is ~0.7 MiB: several shards, each tensor (<= 32 KiB) fits one
+
+
+def weight_map(hf_dir):
+    with open(os.path.join(hf_dir, "model.safetensors.index.json")) as f:
+        return json.load(f)["weight_map"]
+
+
+def test_streaming_conversion_writes_several_shards_and_round_trips(exported):
+    root, model, ckpt = exported
+    first, back, second = root / "sharded", root / "sharded-back", root / "sharded-again"
+    summary = to_hf(ckpt, str(first), max_shard_bytes=SHARD)
+    names = weight_map(first)
+    files = sorted(set(names.values()))
+    assert summary["files"] == len(files) >= 4
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    for file in files:
+        with safe_open(str(first / file), framework="pt") as f:
+            assert set(f.keys()) == {name for name, shard in names.items() if shard == file}, file
+            assert sum(t.numel() * t.element_size() for t in map(f.get_tensor, f.keys())) <= SHARD, file
+    from_hf(str(first), str(back), max_file_bytes=SHARD)
+    assert len(CheckpointReader(str(back)).files) >= 4
+    to_hf(str(back), str(second), max_shard_bytes=SHARD)
+    assert sorted(os.listdir(first)) == sorted(os.listdir(second))
+    match, mismatch, errors = filecmp.cmpfiles(first, second, os.listdir(first), shallow=False)
+    assert not mismatch and not errors, (mismatch, errors)
+
+
+def test_truncated_hf_file_names_the_tensor_and_file(exported, tmp_path):
+    root, model, ckpt = exported
+    to_hf(ckpt, str(tmp_path / "hf"), max_shard_bytes=SHARD)
+    file = tmp_path / "hf" / weight_map(tmp_path / "hf")["model.embed_tokens.weight"]     # the first tensor read
+    with open(file, "r+b") as f:
+        f.truncate(os.path.getsize(file) // 2)
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot read tensor model.embed_tokens.weight from {file} (") +
+                       r".*\): the file is truncated or damaged"):
         from_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
     assert not os.path.exists(tmp_path / "back")
 

@@ -14,14 +14,14 @@ from collections import defaultdict
 from typing import Callable, Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megads.checkpoint.format import CheckpointError, CheckpointReader, Piece, PieceWriter, merge_indexes, write_index
 from megads.checkpoint.hf import (HFTensor, config_from_metadata, dequantise_weight, hf_config, hf_tensors,
                                   megads_name, model_config, quantise_weight, quantised, scale_name, shared_copy_source)
-from megads.checkpoint.layout import MODEL, global_name
-from megads.checkpoint.sharded import resolve
+from megads.checkpoint.layout import MODEL, expected_tensors, global_name
+from megads.checkpoint.sharded import check_model_tensors, resolve
 from megads.config import ModelConfig
 from megads.fp8.quant import E4M3
 from megads.model.deepseek_v3 import DeepSeekV3
@@ -46,13 +46,6 @@ def _begin(out: str) -> str:
     return tmp
 
 
-def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Global name -> shape of every parameter and persistent buffer of a single-process model."""
-    with torch.device("meta"):
-        model = DeepSeekV3(cfg)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
 # ----------------------------------------------------------------------------- megads -> HF
 
 def to_hf(checkpoint: str, out: str, dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
@@ -63,12 +56,9 @@ def to_hf(checkpoint: str, out: str, dtype: torch.dtype = torch.bfloat16, fp8: b
         raise CheckpointError(f"checkpoint {reader.path} records no model_config; it was not written by megads' trainer "
                               f"or converter")
     cfg = config_from_metadata(reader.metadata)
+    check_model_tensors(reader, cfg)
     plan: list[tuple[HFTensor, tuple[int, ...], int]] = []
     for name, shape in expected_tensors(cfg).items():
-        stored = reader.shape(MODEL + name)            # raises, naming the tensor, when it is missing
-        if stored != shape:
-            raise CheckpointError(f"tensor {MODEL + name} has shape {list(stored)} in {reader.path}, the model config "
-                                  f"implies {list(shape)}")
         for t in hf_tensors(name, shape, cfg):
             out_shape = shape[1:] if t.expert is not None else shape
             numel = torch.Size(out_shape).numel()
@@ -120,28 +110,35 @@ class HFReader:
 
     def __init__(self, path: str):
         self.path = path
+        self._handles: dict = {}
         index = os.path.join(path, HF_INDEX)
         if os.path.exists(index):
             with open(index) as f:
                 self.weight_map: dict[str, str] = json.load(f)["weight_map"]
         elif os.path.exists(os.path.join(path, "model.safetensors")):
-            with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
-                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+            names = self._open("model.safetensors", "the tensor names").keys()
+            self.weight_map = {name: "model.safetensors" for name in names}
         else:
             raise FileNotFoundError(f"{path} holds neither {HF_INDEX} nor model.safetensors")
         for file in sorted(set(self.weight_map.values())):
             if not os.path.exists(os.path.join(path, file)):
                 raise CheckpointError(f"{path} is missing {file}, which holds "
                                       f"{next(n for n, f in self.weight_map.items() if f == file)}")
-        self._handles: dict = {}
+
+    def _open(self, file: str, what: str):
+        if file not in self._handles:
+            path = os.path.join(self.path, file)
+            try:
+                self._handles[file] = safe_open(path, framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"cannot read {what} from {path} ({err}): the file is truncated or damaged, "
+                                      f"copy or export it again") from err
+        return self._handles[file]
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.path} has no tensor {name}")
-        file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(os.path.join(self.path, file), framework="pt")
-        return self._handles[file].get_tensor(name)
+        return self._open(self.weight_map[name], f"tensor {name}").get_tensor(name)
 
     def weight(self, name: str, dequant_dtype: torch.dtype) -> torch.Tensor:
         """The tensor, dequantised from FP8 blocks when it is stored so."""

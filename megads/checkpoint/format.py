@@ -130,6 +130,12 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def first_names(names: list[str], shown: int = 3) -> str:
+    """"a, b, c and 4 more": the first names of a list and a count of the rest."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -169,8 +175,7 @@ class CheckpointReader:
 
     def _held_by(self, file: str) -> str:
         names = [n for n, e in self.tensors.items() if any(p["file"] == file for p in e["pieces"])]
-        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-        return "tensor " + ", ".join(names[:3]) + more if names else "no tensor"
+        return "tensor " + first_names(names) if names else "no tensor"
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

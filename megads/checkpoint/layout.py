@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from megads.checkpoint.format import Piece
+from megads.config import ModelConfig
+from megads.model.deepseek_v3 import DeepSeekV3
 from megads.parallel.mesh import Mesh
 
 MODEL = "model."
@@ -44,6 +46,14 @@ def placement(tensor: torch.Tensor, mesh: Mesh) -> tuple[tuple[int, ...], tuple[
         offset[0] = tensor.expert_offset
         shape[0] *= mesh.ep
     return tuple(shape), tuple(offset)
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Global name -> shape of every parameter and persistent buffer of a single-process model
+    of `cfg` (what a checkpoint of that config holds, whatever part of it a rank has)."""
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -11,12 +11,15 @@ several ranks (replicas) is written by the lowest of them. Ranks write their fil
 at it and deletes all but the newest `keep_last` checkpoints. A directory named `step_*`
 is therefore always complete.
 
-Loading (each rank independently, no collectives except ZeRO's state fan-out): every local
-tensor reads exactly its region of the global tensor, so a checkpoint written under any
+Loading (each rank independently, no collectives except ZeRO's state fan-out): the
+checkpoint's model tensors must be exactly those of the model's config, global shapes
+included (checked against the whole model, not only the stages this rank holds); then every
+local tensor reads exactly its region of the global tensor, so a checkpoint written under any
 (DP, PP, TP, EP, schedule) loads under any other.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -26,10 +29,12 @@ import torch.distributed as dist
 from torch import nn
 
 from megads.checkpoint import optimizer as adam
-from megads.checkpoint.format import CheckpointError, CheckpointReader, PieceWriter, merge_indexes, write_atomic, \
-    write_index
-from megads.checkpoint.layout import MODEL, MOMENTS, global_name, model_pieces, model_tensors, moment_name, \
-    moment_piece, placement
+from megads.checkpoint.format import CheckpointError, CheckpointReader, PieceWriter, first_names, merge_indexes, \
+    write_atomic, write_index
+from megads.checkpoint.layout import MODEL, MOMENTS, expected_tensors, global_name, model_pieces, model_tensors, \
+    moment_name, moment_piece, placement
+from megads.config import ModelConfig
+from megads.model.deepseek_v3 import DeepSeekV3
 from megads.parallel.mesh import Mesh
 from megads.parallel.pipeline.placement import is_mirror
 
@@ -122,16 +127,48 @@ def resolve(path: str) -> str:
     return path
 
 
+def check_model_tensors(reader: CheckpointReader, cfg: ModelConfig) -> None:
+    """Raise unless the checkpoint holds exactly the model tensors of a model of `cfg`, with its
+    global shapes: the whole model's, whatever part of it a pipeline stage holds."""
+    expected = {MODEL + name: shape for name, shape in expected_tensors(cfg).items()}
+    missing = [name for name in expected if name not in reader]
+    if missing:
+        raise CheckpointError(f"checkpoint {reader.path} has no tensor {first_names(missing, 1)}, which this model "
+                              f"needs; {_config_difference(reader, cfg)}")
+    extra = [name for name in reader.names(MODEL) if name not in expected]
+    if extra:
+        raise CheckpointError(f"checkpoint {reader.path} holds tensor {first_names(extra, 1)}, which this model "
+                              f"lacks; {_config_difference(reader, cfg)}")
+    for name, shape in expected.items():
+        if reader.shape(name) != shape:
+            raise CheckpointError(f"tensor {name} has shape {list(reader.shape(name))} in checkpoint {reader.path} "
+                                  f"but {list(shape)} in this model; {_config_difference(reader, cfg)}")
+
+
+def _config_difference(reader: CheckpointReader, cfg: ModelConfig) -> str:
+    """How the model config recorded in the checkpoint differs from `cfg`, and what to do."""
+    recorded = reader.metadata.get("model_config")
+    if recorded is None:
+        return "the checkpoint records no model config: load it into a model of the config that wrote it"
+    ours = dataclasses.asdict(cfg)
+    differences = [f"{key}={value} (this model: {ours[key]})" for key, value in recorded.items()
+                   if key in ours and ours[key] != value]
+    if not differences:
+        return "its recorded model config is this one, so it is damaged or was written by another version of megads"
+    return f"the checkpoint's model config differs: {', '.join(differences)}; load it with the config that wrote it"
+
+
 @torch.no_grad()
-def load_model(reader: CheckpointReader, model: nn.Module, mesh: Mesh) -> None:
+def load_model(reader: CheckpointReader, model: DeepSeekV3, mesh: Mesh) -> None:
     """Copy every parameter and persistent buffer of `model` (any layout) from the checkpoint."""
+    check_model_tensors(reader, model.cfg)
     for name, tensor in model_tensors(model).items():
         shape, offset = placement(tensor, mesh)
         value = reader.read(MODEL + global_name(name), offset, tuple(tensor.shape), expect_global=shape)
         tensor.data.copy_(value)
 
 
-def load_model_weights(path: str, model: nn.Module, mesh: Mesh | None = None) -> dict:
+def load_model_weights(path: str, model: DeepSeekV3, mesh: Mesh | None = None) -> dict:
     """Load the weights and router biases of a checkpoint written under any layout into an
     already-parallelised `model` (optimizer state is ignored). `path` is a checkpoint directory
     or a checkpoint root with `latest`. Returns the checkpoint's metadata (step, layout, ...)."""
@@ -140,7 +177,7 @@ def load_model_weights(path: str, model: nn.Module, mesh: Mesh | None = None) ->
     return reader.metadata
 
 
-def load_checkpoint(path: str, model: nn.Module, stepper, mesh: Mesh) -> dict | None:
+def load_checkpoint(path: str, model: DeepSeekV3, stepper, mesh: Mesh) -> dict | None:
     """Load model, optimizer state (when the checkpoint has it) and return this rank's trainer
     state (None for a weights-only checkpoint, e.g. one converted from HuggingFace)."""
     reader = CheckpointReader(resolve(path))
