@@ -1,6 +1,7 @@
 """Pipeline schedules as data: generators, the simulator (dependency order, matched
 communication, deadlock freedom, bubble), DualPipeV against torch's own generator, the
 zero-bubble weight-gradient split, the layout string and the configuration rules."""
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from megads.config import ConfigError, load_config
 from megads.model.layers import Linear
+from megads.model.moe import GroupedExperts
 from megads.parallel.pipeline.placement import even_split, parse_layout
 from megads.parallel.pipeline.schedules import Action, Schedule, build_schedule
 from megads.parallel.pipeline.simulator import ScheduleError, Times, simulate
@@ -156,6 +158,35 @@ def test_deferred_weight_gradients_equal_the_plain_ones():
     assert store.pending() == []
     assert torch.allclose(deferred.weight.grad, plain.weight.grad, rtol=1e-6, atol=1e-6)
     assert deferred.gemm is not F.linear
+
+
+@pytest.mark.parametrize("dim, grouped_mm", [(16, True), (6, False)], ids=["grouped_mm", "loop-fallback"])
+def test_deferred_expert_weight_gradients_equal_the_plain_ones(monkeypatch, dim, grouped_mm):
+    """The routed experts' grouped GEMM defers its weight gradients by itself, on torch._grouped_mm
+    and on the per-expert loop that rows of dim 6 (24 bytes, not 16-byte aligned) fall back to."""
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    plain = GroupedExperts(3, dim, 8)
+    for p in plain.parameters():
+        p.data.normal_()
+    deferred = copy.deepcopy(plain)
+    counts = torch.tensor([2, 0, 4])
+    x = torch.randn(6, dim, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    store = WeightGradStore()
+    for _ in range(2):                                   # two micro-batches accumulate
+        (plain(x, counts) ** 2).sum().backward()
+        with store.collect((0, 0)):
+            (deferred(x2, counts) ** 2).sum().backward()
+    assert all(p.grad is None for p in deferred.parameters())
+    assert torch.equal(x2.grad, x.grad)
+    store.flush((0, 0))
+    assert store.pending() == [] and store.deferred == 6
+    for p, q in zip(deferred.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    assert bool(calls) == grouped_mm
 
 
 def test_layout_string_and_even_split():

@@ -25,7 +25,7 @@ import torch
 from megads.fp8.cache import RecentResults, WeightCache
 from megads.fp8.emulated import EmulatedBackend
 from megads.fp8.quant import QTensor, crop
-from megads.parallel.pipeline.zero_bubble import defer_weight_grad
+from megads.parallel.pipeline.zero_bubble import weight_grad_now_or_later
 
 if TYPE_CHECKING:   # imported lazily at run time: it needs Triton
     from megads.fp8.torch_backend import TorchBackend
@@ -71,11 +71,6 @@ class FP8Recipe:
         """Forget every cached quantisation: the weights changed (after an optimizer step)."""
         self.weights.clear()
         self.recent.clear()
-
-
-def weight_grad_now_or_later(weight: torch.Tensor, compute) -> torch.Tensor | None:
-    """compute() now, or None when a zero-bubble store takes it for its W action."""
-    return None if defer_weight_grad(weight, compute) else compute()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

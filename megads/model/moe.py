@@ -12,6 +12,7 @@ from torch import nn
 
 from megads.config import ModelConfig
 from megads.model.layers import MLP
+from megads.parallel.pipeline.zero_bubble import weight_grad_now_or_later
 
 
 class Router(nn.Module):
@@ -67,21 +68,51 @@ def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.shape[1] * row_bytes) % 16 == 0 and (weight.shape[1] * row_bytes) % 16 == 0
 
 
+def _expert_products(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """x_e @ W_e^T for every expert, as one torch._grouped_mm or a loop.
+    x [n, in] sorted by expert, weight [e, out, in], counts [e] -> [n, out]."""
+    if grouped:
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
+    return grouped_linear_loop(x, weight, counts)
+
+
+def _expert_weight_grads(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """dW_e = dy_e^T x_e for every expert. x [n, in], dy [n, out] sorted by expert -> [e, out, in]."""
+    if grouped:
+        return torch._grouped_mm(dy.t(), x, offs=counts.cumsum(0).to(torch.int32))
+    sizes = counts.tolist()
+    return torch.stack([g.t() @ a for g, a in zip(dy.split(sizes), x.split(sizes))])
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """Backward computes dx at once and dW now or, inside a zero-bubble B action, at the W action."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, grouped: bool) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, counts)
+        ctx.grouped = grouped
+        return _expert_products(x, weight, counts, grouped)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, counts = ctx.saved_tensors
+        grouped, dy = ctx.grouped, dy.contiguous()          # _grouped_mm refuses broadcast (stride-0) gradients
+        dx = _expert_products(dy, weight.transpose(-2, -1), counts, grouped) if ctx.needs_input_grad[0] else None
+        dw = weight_grad_now_or_later(weight, lambda: _expert_weight_grads(x, dy, counts, grouped)) \
+            if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Per-expert x_e @ W_e^T as one grouped GEMM where the device and shapes allow, else a loop.
+    """Per-expert x_e @ W_e^T as one grouped GEMM where the device and shapes allow, else a loop;
+    the weight gradient defers to the W action of a zero-bubble schedule like `Linear`'s.
     x [n, in] sorted by expert, weight [e, out, in], counts [e] -> [n, out]."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
     elif weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
-    if not _grouped_mm_supported(x, weight):
-        return grouped_linear_loop(x, weight, counts)
-    offsets = counts.cumsum(0).to(torch.int32)
-    out = torch._grouped_mm(x.contiguous(), weight.transpose(-2, -1), offs=offsets)
-    if out.requires_grad:
-        out.register_hook(torch.Tensor.contiguous)        # its backward refuses broadcast (stride-0) gradients
-    return out
+    return _GroupedLinear.apply(x.contiguous(), weight, counts, _grouped_mm_supported(x, weight))
 
 
 class GroupedExperts(nn.Module):

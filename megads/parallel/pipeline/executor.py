@@ -134,7 +134,7 @@ class PipelineExecutor:
 
     def _backward(self, st: _StepState, chunk: int, mb: int, cuts: list[Cut], defer_weights: bool) -> Iterator[None]:
         """Backward of (chunk, mb) piece by piece, last first (`pieces.backward_steps`); with
-        `defer_weights` the plain Linear weight gradients wait for the W action. Then the
+        `defer_weights` the weight gradients of the linear layers and routed experts wait for the W action. Then the
         gradient of the stage input is handed over or kept to send."""
         st.outputs.pop((chunk, mb), None)
         around = (lambda: self.store.collect((chunk, mb))) if defer_weights else contextlib.nullcontext

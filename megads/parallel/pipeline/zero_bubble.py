@@ -7,7 +7,8 @@ runs the queued computations and hands each result to autograd as the parameter'
 so parameter hooks (sequence-parallel reductions, DeepSpeed's) run as for any gradient.
 
 `DeferredGemm` is the `Linear.gemm` that does so for the plain product (dx = dy W now,
-dW = dy^T x later); any other GEMM (FP8's Wgrad) can defer through `defer_weight_grad` too.
+dW = dy^T x later); any other GEMM (the routed experts' `grouped_linear`, FP8's Wgrad) defers
+through `weight_grad_now_or_later` too.
 """
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ def defer_weight_grad(weight: torch.Tensor, compute: Callable[[], torch.Tensor])
         return False
     _collecting.append((weight, compute))
     return True
+
+
+def weight_grad_now_or_later(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """The gradient of `weight` for a backward to return: compute() now, or None when a collecting
+    store takes the computation for its W action."""
+    return None if defer_weight_grad(weight, compute) else compute().to(weight.dtype)
 
 
 class WeightGradStore:
@@ -77,9 +84,7 @@ class _DeferredLinear(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, weight = ctx.saved_tensors
         dx = dy.matmul(weight.to(dy.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1] and not defer_weight_grad(weight, lambda: _linear_weight_grad(x, dy)):
-            dw = _linear_weight_grad(x, dy).to(weight.dtype)
+        dw = weight_grad_now_or_later(weight, lambda: _linear_weight_grad(x, dy)) if ctx.needs_input_grad[1] else None
         return dx, dw
 
 
@@ -96,7 +101,8 @@ class DeferredGemm:
 
 def defer_weight_gradients(model: nn.Module) -> int:
     """Give every plain `Linear` (gemm = F.linear) of `model` a DeferredGemm; returns how many.
-    Linears with another GEMM keep it (it defers through `defer_weight_grad` if it supports it)."""
+    Linears with another GEMM keep it (it defers through `defer_weight_grad` if it supports it);
+    the routed experts' grouped GEMMs defer by themselves."""
     count = 0
     for module in model.modules():
         if isinstance(module, Linear) and module.gemm is F.linear:
