@@ -415,7 +415,9 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world_
     if world_size is None:
         return
     _require(world_size % (p.tp * p.pp) == 0,
-             f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp} = {p.tp * p.pp}")
+             f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp} = {p.tp * p.pp}: "
+             f"launch a multiple of {p.tp * p.pp} ranks (python launch/run.py --nproc-per-node {p.tp * p.pp} ...) or "
+             f"lower parallel.tp / parallel.pp (one process runs with parallel.tp=1 parallel.pp=1)")
     dp = world_size // (p.tp * p.pp)
     _require(p.ep == 1 or p.tp == 1 or p.sequence_parallel or t.seq_len % p.tp == 0,
              f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}: with parallel.ep > 1 each TP rank "

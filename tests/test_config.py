@@ -23,6 +23,7 @@ def test_yaml_and_overrides():
     (["data.source=indexed", "data.train_path=/nonexistent/train", "data.valid_path=/nonexistent/valid"],
      ["data.train_path", "/nonexistent/train.bin"]),
     (["model.num_heads=4", "parallel.tp=3"], ["model.num_heads=4", "parallel.tp=3"]),
+    ([], ["world size 1", "= 2", "--nproc-per-node 2", "parallel.tp=1"]),       # tiny.yaml's TP=2 on one process
 ])
 def test_bad_values_name_the_setting(override, words):
     with pytest.raises(ConfigError) as err:
@@ -38,6 +39,19 @@ def test_layout_checks_name_both_numbers():
     with pytest.raises(ConfigError, match="world size 6 is not divisible by .* = 4"):
         cfg.validate(world_size=6)
     cfg.validate(world_size=8)
+
+
+@pytest.mark.parametrize("overrides, world_size, words", [
+    (["parallel.tp=1", "parallel.ep=3", "model.n_routed_experts=12", "model.n_group=3", "train.micro_batch=4"], 4,
+     ["parallel.ep=3", "dp * tp = 4 * 1 = 4"]),
+    (["parallel.tp=1", "parallel.ep=8", "model.n_routed_experts=12", "train.micro_batch=2"], 8,
+     ["model.n_routed_experts=12", "parallel.ep=8"]),
+], ids=["ep-does-not-divide-dp-tp", "experts-not-divisible-by-ep"])
+def test_expert_layout_checks_name_both_numbers(overrides, world_size, words):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", overrides).validate(world_size=world_size)
+    for word in words:
+        assert word in str(err.value)
 
 
 def test_expert_groups_must_fit_the_ep_ranks():

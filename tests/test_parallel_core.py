@@ -2,7 +2,8 @@
 
 Each case trains 3 optimizer steps in fp32 on CPU ranks over gloo and compares, with the
 single-process run on the same global batches: the per-step losses and gradient norms, the
-full gradients of the first step, and every updated weight and router bias.
+full gradients of the first step, and every updated weight and router bias; the router biases,
+replicated, must also be identical on every rank.
 
 Adam divides each gradient element by its own magnitude, so an element whose gradient is near
 zero turns float32 rounding of the reductions (absolute size ~1e-7 x the largest gradient) into
@@ -81,6 +82,11 @@ def first_step_gradients(cfg, data, mesh) -> dict:
     return full_gradients(model, mesh)
 
 
+def router_biases(model) -> dict:
+    """Every MoE layer's router bias (replicated: each rank holds all of it)."""
+    return {name: moe.gate.e_score_correction_bias.detach().clone() for name, moe in model.named_moe_layers()}
+
+
 def train(cfg, data, mesh) -> dict:
     grads = first_step_gradients(cfg, data, mesh)
     trainer = Trainer(cfg, data, mesh)
@@ -89,7 +95,7 @@ def train(cfg, data, mesh) -> dict:
         trainer.step += 1
     return {"losses": [(s.loss, s.lm_loss, s.mtp_loss, s.balance_loss) for s in steps],
             "grad_norms": [s.grad_norm for s in steps], "skipped": [s.skipped for s in steps],
-            "grads": grads, "weights": full_tensors(trainer.model, mesh)}
+            "grads": grads, "weights": full_tensors(trainer.model, mesh), "biases": router_biases(trainer.model)}
 
 
 def _rank_main(rank, world_size, cache, overrides):
@@ -97,7 +103,7 @@ def _rank_main(rank, world_size, cache, overrides):
     data = prepare_data(cfg.data, cfg.model.vocab_size)
     mesh = build_mesh(cfg.parallel)
     result = train(cfg, data, mesh)
-    return result if rank == 0 else {"losses": result["losses"]}
+    return result if rank == 0 else {"losses": result["losses"], "biases": result["biases"]}
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +138,13 @@ def assert_close(actual, expected, what, rel=1e-5):
 def test_parity_with_single_process(reference, data_cache, world_size, overrides):
     results = run_ranks(_rank_main, world_size, args=(data_cache, overrides), timeout=600)
     got = results[0]
-    for r in results[1:]:
+    assert got["biases"].keys() == reference["biases"].keys() and got["biases"]
+    for rank, r in enumerate(results[1:], 1):
         assert r["losses"] == got["losses"], "ranks disagree on the logged global-batch loss"
+        for name, bias in got["biases"].items():
+            assert torch.equal(r["biases"][name], bias), f"rank {rank} holds another router bias of {name} than rank 0"
+    for name, bias in reference["biases"].items():
+        assert_close(got["biases"][name], bias, f"router bias of {name} after {STEPS} steps")
     assert got["skipped"] == [False] * STEPS
     for step, (a, b) in enumerate(zip(got["losses"], reference["losses"])):
         assert_close(torch.tensor(a), torch.tensor(b), f"losses of step {step + 1}")
