@@ -1,7 +1,7 @@
-"""GRPO end to end on CPU: from the demo's pretrained checkpoint and a short SFT, GRPO raises
-held-out greedy accuracy while the same run with shuffled rewards does not; a 4-rank run's
-first update equals the single-process one; the result is a megads checkpoint that converts
-to HuggingFace."""
+"""GRPO end to end on CPU, the README's chain: from the demo's pretrained checkpoint and the SFT
+cold start (configs/sft-tiny.yaml), GRPO (configs/grpo-tiny.yaml) raises held-out greedy accuracy
+while the same run with shuffled rewards does not; a 4-rank run's first update equals the
+single-process one; the result is a megads checkpoint that converts to HuggingFace."""
 import json
 import os
 import subprocess
@@ -10,31 +10,18 @@ import sys
 import pytest
 import torch
 
-from megads.checkpoint import CheckpointReader, latest_checkpoint
-from megads.checkpoint.convert import to_hf
+from megads.checkpoint import CheckpointReader, latest_checkpoint, load_model_weights
+from megads.checkpoint.convert import from_hf, to_hf
 from megads.config import load_config
 from megads.data import prepare_data
+from megads.model.deepseek_v3 import DeepSeekV3
 from megads.parallel.mesh import build_mesh
 from megads.rl.grpo_trainer import GRPOTrainer
 from megads.rl.sft import SFTTrainer
-from megads.train.trainer import Trainer
 from tests.distributed import run_ranks
 
-# configs/tiny.yaml's model at half width, so that pretraining, SFT and GRPO fit the CI budget.
-MODEL = ["model.hidden_size=64", "model.intermediate_size=192", "model.moe_intermediate_size=48",
-         "model.q_lora_rank=48", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
-         "model.v_head_dim=16", "model.mtp_depth=0", "data.synthetic_docs=4000", "data.synthetic_valid_docs=100",
-         "parallel.tp=1", "checkpoint.resume=none", "train.log_interval=50"]
-PRETRAIN = ["train.steps=150", "train.seq_len=64", "train.global_batch=16", "train.micro_batch=16",
-            "train.eval_interval=0", "train.warmup_steps=10"]
-SFT = ["train.steps=900", "train.global_batch=64", "train.micro_batch=64", "train.lr=3e-3", "train.min_lr=3e-4",
-       "train.warmup_steps=10", "sft.tiers=[0]", "sft.eval_interval=25", "sft.eval_problems=256",
-       "sft.stop_at_accuracy=0.25"]
-GRPO = ["grpo.eval_interval=10", "grpo.eval_problems=256", "checkpoint.save_at_end=false"]
-
-
-def config(path, run_dir, cache, *extra):
-    return load_config(path, MODEL + [f"train.run_dir={run_dir}", f"data.cache_dir={cache}", *extra]).validate()
+COMMON = ["parallel.tp=1", "checkpoint.resume=none", "train.log_interval=10"]
+GRPO = ["checkpoint.save_at_end=false"]
 
 
 def read_metrics(run_dir):
@@ -43,18 +30,17 @@ def read_metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def sft_checkpoint(tmp_path_factory, data_cache):
-    """Pretrain the demo model, then the SFT cold start; (checkpoint path, SFT held-out accuracies)."""
-    root = tmp_path_factory.mktemp("grpo_chain")
+def sft_checkpoint(tmp_path_factory, demo_run):
+    """The SFT cold start from the demo's checkpoint; (checkpoint path, SFT held-out accuracies)."""
+    assert demo_run.proc.returncode == 0, demo_run.proc.stderr[-3000:]
+    run_dir = tmp_path_factory.mktemp("grpo_chain") / "sft"
     torch.set_num_threads(2)
-    pre = config("configs/tiny.yaml", root / "pretrain", data_cache, *PRETRAIN)
-    data = prepare_data(pre.data, pre.model.vocab_size)
-    Trainer(pre, data).fit()
-    sft = config("configs/sft-tiny.yaml", root / "sft", data_cache, *SFT,
-                 f"sft.init={root / 'pretrain' / 'checkpoints'}")
-    SFTTrainer(sft, data.tokenizer).fit()
-    accuracy = [r["eval_accuracy"] for r in read_metrics(root / "sft") if "eval_accuracy" in r]
-    return str(root / "sft" / "checkpoints"), accuracy
+    cfg = load_config("configs/sft-tiny.yaml", COMMON + [f"train.run_dir={run_dir}", f"data.cache_dir={demo_run.cache_dir}",
+                                                         f"sft.init={os.path.join(demo_run.run_dir, 'checkpoints')}"]
+                      ).validate()
+    SFTTrainer(cfg, prepare_data(cfg.data, cfg.model.vocab_size).tokenizer).fit()      # stops at 30% accuracy
+    accuracy = [r["eval_accuracy"] for r in read_metrics(run_dir) if "eval_accuracy" in r]
+    return str(run_dir / "checkpoints"), accuracy
 
 
 def test_sft_reaches_a_useful_starting_accuracy(sft_checkpoint):
@@ -64,26 +50,25 @@ def test_sft_reaches_a_useful_starting_accuracy(sft_checkpoint):
 
 
 def grpo_command(run_dir, cache, init, *extra):
-    return [sys.executable, "-m", "megads.grpo", "configs/grpo-tiny.yaml", *MODEL, *GRPO, f"train.run_dir={run_dir}",
+    return [sys.executable, "-m", "megads.grpo", "configs/grpo-tiny.yaml", *COMMON, *GRPO, f"train.run_dir={run_dir}",
             f"data.cache_dir={cache}", f"grpo.init={init}", *extra]
 
 
-def test_grpo_raises_held_out_accuracy_and_shuffled_rewards_do_not(sft_checkpoint, tmp_path, data_cache):
+def test_grpo_raises_held_out_accuracy_and_shuffled_rewards_do_not(sft_checkpoint, tmp_path, demo_run):
     init, _ = sft_checkpoint
     env = dict(os.environ, OMP_NUM_THREADS="1")
     arms = {"grpo": [], "shuffled": ["grpo.shuffle_rewards=true"]}
-    procs = {name: subprocess.Popen(grpo_command(tmp_path / name, data_cache, init, *extra), env=env,
+    procs = {name: subprocess.Popen(grpo_command(tmp_path / name, demo_run.cache_dir, init, *extra), env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name, extra in arms.items()}
     for name, proc in procs.items():                # both arms run at once, one core each
-        output, _ = proc.communicate(timeout=600)
+        output, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, f"{name}:\n{output}"
     curves = {name: [(r["step"], r["eval_accuracy"]) for r in read_metrics(tmp_path / name) if "eval_accuracy" in r]
               for name in arms}
     start = curves["grpo"][0][1]
     assert curves["shuffled"][0][1] == start        # same starting policy and evaluation
-    best = max(accuracy for _, accuracy in curves["grpo"])
-    assert best - start >= 0.10, curves             # GRPO learns from its rewards ...
+    assert curves["grpo"][-1][1] - start >= 0.15, curves               # GRPO learns from its rewards ...
     assert curves["shuffled"][-1][1] - start <= 0.02, curves          # ... and nothing from shuffled ones
     assert curves["grpo"][-1][1] - curves["shuffled"][-1][1] >= 0.05, curves
     records = [r for r in read_metrics(tmp_path / "grpo") if "reward" in r]
@@ -104,11 +89,11 @@ def grpo_first_update(rank, world_size, overrides):
     return record
 
 
-def test_four_ranks_first_update_equals_single_process(sft_checkpoint, tmp_path, data_cache):
+def test_four_ranks_first_update_equals_single_process(sft_checkpoint, tmp_path, demo_run):
     init, _ = sft_checkpoint
-    common = MODEL + [f"data.cache_dir={data_cache}", f"grpo.init={init}", "grpo.prompts_per_step=4",
+    common = COMMON + [f"data.cache_dir={demo_run.cache_dir}", f"grpo.init={init}", "grpo.prompts_per_step=4",
                       "grpo.group_size=4", "grpo.micro_batch=4", "grpo.eval_problems=4", "grpo.kl_beta=0.05",
-                      "train.lr=1e-3", "train.eps=1e-2"]
+                      "grpo.updates_per_batch=1", "train.lr=1e-3", "train.eps=1e-2"]
     # Adam's first step is lr * g / (|g| + eps): with the default eps it is +-lr for every gradient
     # entry, so the rounding-level sign of a near-zero gradient decides it. A large eps makes the
     # step proportional to the gradient, and the weights then agree to fp32 rounding.
@@ -129,5 +114,11 @@ def test_four_ranks_first_update_equals_single_process(sft_checkpoint, tmp_path,
         initial = CheckpointReader(latest_checkpoint(init))
         moved = sum(not torch.equal(ours.read(t), initial.read(t)) for t in names)
         assert moved > len(names) // 2                                  # the update changed the weights
-    hf = to_hf(str(tmp_path / "single"), str(tmp_path / "hf"), dtype=torch.float32)
-    assert os.path.exists(tmp_path / "hf" / "config.json"), hf
+    # The GRPO checkpoint converts to HuggingFace like a pretraining one, and back without a change.
+    to_hf(str(tmp_path / "single"), str(tmp_path / "hf"), dtype=torch.float32)
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "back"), dequant_dtype=torch.float32)
+    back = DeepSeekV3(load_config("configs/grpo-tiny.yaml", COMMON).model)
+    load_model_weights(str(tmp_path / "back"), back)
+    state, grpo = back.state_dict(), CheckpointReader(str(tmp_path / "single" / "step_00000001"))
+    for tensor in grpo.names("model."):
+        assert torch.equal(state[tensor.removeprefix("model.")], grpo.read(tensor)), tensor

@@ -1,13 +1,18 @@
 """The single-process pretraining loop: exact resume, metrics, non-finite steps, bad input."""
 import json
+import logging
+import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from megads import pretrain
+from megads.checkpoint import latest_checkpoint
 from megads.config import load_config
 from megads.data import prepare_data
 from megads.train.trainer import NonFiniteError, Trainer
@@ -79,46 +84,55 @@ def test_metrics_and_tensorboard(tmp_path, data_cache):
     assert int.from_bytes(header[16:20], "big") > int.from_bytes(header[20:24], "big") > 300    # 3 x 2 panels
 
 
-def _poison(trainer, steps):
-    """Make the first layer's output NaN while trainer.step is in `steps`."""
+def poison_loss(trainer, steps) -> str:
+    """Make the first layer's output NaN while trainer.step is in `steps`; returns the tensor reported."""
     layer = trainer.model.layers["0"]
     layer.register_forward_hook(lambda m, i, out: out * float("nan") if trainer.step in steps and m.training else out)
+    return "loss"
 
 
-def test_nonfinite_step_is_skipped(tmp_path, data_cache):
+def poison_gradients(trainer, steps) -> str:
+    """Make two weights' gradients infinite while trainer.step is in `steps` (the loss stays finite);
+    returns the first of them in parameter order, the one reported."""
+    for layer in ("2", "1"):
+        weight = trainer.model.layers[layer].self_attn.o_proj.weight
+        weight.register_hook(lambda g: g * float("inf") if trainer.step in steps else g)
+    return "layers.1.self_attn.o_proj.weight.grad"
+
+
+@pytest.mark.parametrize("poison", [poison_loss, poison_gradients])
+def test_nonfinite_step_is_skipped(tmp_path, data_cache, caplog, poison):
+    """A non-finite loss, or a finite loss with non-finite gradients: the step changes no weight or
+    router bias, and the warning names the first non-finite tensor."""
     cfg = small_config(tmp_path, data_cache, "train.steps=3", "train.eval_interval=0", "checkpoint.save_at_end=false")
     trainer = Trainer(cfg, prepare_data(cfg.data, cfg.model.vocab_size))
-    _poison(trainer, {1})
-    before = {}
+    bad_tensor = poison(trainer, {1})
+    before = []                                     # the model's state before each step
+    train_step = trainer.train_step
 
-    def snapshot(step):
-        if trainer.step == 1:
-            before.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
-    original = trainer.train_step
-    trainer.train_step = lambda batches: (snapshot(trainer.step), original(batches))[1]
-    trainer.fit()
+    def recording_step(batches):
+        before.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        return train_step(batches)
+    trainer.train_step = recording_step
+    with caplog.at_level(logging.WARNING, logger="megads"):
+        trainer.fit()
     rows = read_metrics(tmp_path)
     assert [r["skipped"] for r in rows] == [False, True, False]
+    assert math.isfinite(rows[1]["loss"]) == (bad_tensor != "loss") and not math.isfinite(rows[1]["grad_norm"])
+    assert f"step 2: non-finite {bad_tensor} " in caplog.text
     assert trainer.step == 3 and trainer.nonfinite_streak == 0
-
-
-def test_skipped_step_leaves_weights_unchanged(tmp_path, data_cache):
-    cfg = small_config(tmp_path, data_cache, "train.steps=1")
-    trainer = Trainer(cfg, prepare_data(cfg.data, cfg.model.vocab_size))
-    _poison(trainer, {0})
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    result = trainer.train_step(trainer.train_batches.next_step())
-    assert result.skipped and result.bad_tensor == "loss"
-    for k, v in trainer.model.state_dict().items():
-        assert torch.equal(before[k], v), k
+    first, skipped, last = before
+    for k, v in skipped.items():
+        assert torch.equal(last[k], v), k                               # the skipped step changed nothing
+    assert any(not torch.equal(first[k], v) for k, v in skipped.items())  # the steps around it did
+    assert any(not torch.equal(last[k], v) for k, v in trainer.model.state_dict().items())
 
 
 def test_consecutive_nonfinite_steps_stop_training(tmp_path, data_cache):
     cfg = small_config(tmp_path, data_cache, "train.steps=10", "train.max_nonfinite_steps=2")
     trainer = Trainer(cfg, prepare_data(cfg.data, cfg.model.vocab_size))
-    weight = trainer.model.layers["1"].self_attn.o_proj.weight
-    weight.register_hook(lambda g: g * float("inf"))       # finite loss, non-finite gradient
-    with pytest.raises(NonFiniteError, match=r"step 2: 2 consecutive .* layers\.1\.self_attn\.o_proj\.weight\.grad"):
+    bad_tensor = poison_gradients(trainer, range(10))
+    with pytest.raises(NonFiniteError, match=rf"step 2: 2 consecutive .* {re.escape(bad_tensor)}"):
         trainer.fit()
 
 
@@ -135,18 +149,43 @@ def test_bad_input_writes_nothing(tmp_path, capsys, override, setting):
     assert not run_dir.exists()
 
 
-def test_demo_learns(tmp_path):
+def test_single_process_cli_run(tmp_path, data_cache, capsys):
+    """`python -m megads.pretrain configs/tiny.yaml parallel.tp=1 ...` alone, without a launcher."""
+    run_dir = tmp_path / "run"
+    code = pretrain.main(["configs/tiny.yaml", *SMALL, "parallel.ep=1", "train.steps=2", f"train.run_dir={run_dir}",
+                          f"data.cache_dir={data_cache}"])
+    assert code == 0
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2]
+    assert f"run directory: {run_dir}" in capsys.readouterr().out
+    checkpoints = run_dir / "checkpoints"
+    assert latest_checkpoint(str(checkpoints)) == str(checkpoints / "step_00000002")
+
+
+def test_layout_error_at_launch(tmp_path, capsys, monkeypatch):
+    """Rank 0 of a 6-rank torchrun job asking for TP=2 x PP=2: refused before any process group starts."""
+    torchrun = {"WORLD_SIZE": "6", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "6", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "29500"}
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    run_dir = tmp_path / "run"
+    code = pretrain.main(["configs/tiny.yaml", "parallel.tp=2", "parallel.pp=2", f"train.run_dir={run_dir}",
+                          f"data.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "world size 6 " in err and "parallel.tp * parallel.pp = 2 * 2 = 4" in err
+    assert not dist.is_initialized()
+    assert os.listdir(tmp_path) == []
+
+
+def test_demo_learns(demo_run):
     """The README's demo command (4 ranks, DP=2 x TP=2 with EP=2), end to end through the launcher:
     the held-out loss halves, and only rank 0 writes metrics."""
-    run_dir = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "launch/run.py", "--nproc-per-node", "4", "pretrain", "configs/tiny.yaml",
-                           "parallel.ep=2", f"train.run_dir={run_dir}",
-                           f"data.cache_dir={tmp_path / 'cache'}"], capture_output=True, text=True, timeout=600)
+    proc, run_dir = demo_run.proc, demo_run.run_dir
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run directory: {run_dir}" in proc.stdout
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 201))      # one line per step, one writer
     valid = [r["valid_loss"] for r in rows if "valid_loss" in r]
     assert valid[-1] <= 0.5 * valid[0], valid
-    assert os.path.exists(run_dir / "checkpoints" / "latest")
+    assert os.path.exists(os.path.join(run_dir, "checkpoints", "latest"))
     assert all(r["max_nodes_per_token"] <= 2 and r["tokens_off_rank"] > 0 for r in rows if "loss" in r)

@@ -137,9 +137,11 @@ class GRPOTrainer(PolicyRun):
                     sums["logprob_gap_mean"] += gap.sum().item()
                     sums["sampled_tokens"] += sampled
                     gap_max = max(gap_max, gap.max().item())
-                    for key in ("clip_frac_low", "clip_frac_high", "kl"):
-                        if key in stats:
-                            sums[key] += stats[key].item() * part_mask.sum().item()
+                    if "kl" in stats:
+                        sums["kl"] += stats["kl"].item() * part_mask.sum().item()
+                # at the first update the ratio is 1: the clip fractions are means over all mu updates
+                for key in ("clip_frac_low", "clip_frac_high"):
+                    sums[key] += stats[key].item() * part_mask.sum().item() / g.updates_per_batch
             grad_norm, applied = self.optimizer_step()
             sums["skipped"] += float(not applied)
         sums = {k: v * self.mesh.dp for k, v in self.mean_over_dp(dict(sums)).items()}      # sums over DP
