@@ -10,9 +10,10 @@ rendezvous from the allocation, starts one rank per GPU of the node (per CPU wit
 tees the node's output to $MEGADS_LOG_DIR/<job id>/node<K>-<host>.log (default logs/).
 
 Exit status: 0 when every rank succeeded; 75 when the ranks stopped on a preemption signal
-after saving a checkpoint (the sbatch scripts then requeue the job); otherwise the status of the
-first rank that failed (2: bad input, 3: non-finite training), or 128 + N when the launcher
-itself was stopped by signal N.
+(SIGUSR1 or SIGTERM) after saving a checkpoint (the sbatch scripts then requeue the job);
+otherwise the status of the first rank that failed (2: bad input, 3: non-finite training), or
+128 + N when a rank was killed by signal N or the launcher stopped on it (SIGINT; SIGTERM before
+any rank started).
 """
 from __future__ import annotations
 
@@ -24,14 +25,22 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
+from types import FrameType
 
 if __package__ in (None, ""):           # run as `python launch/run.py`: import launch.* from the checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from torch.distributed.elastic.multiprocessing import SignalException
+
 from launch.environment import rank_environment
 from launch.slurm import SlurmError, SlurmNode, in_slurm_step, slurm_node, slurm_torchrun_args
 from megads.train.preemption import REQUEUE_EXIT_CODE
+
+# The signals torchrun turns into its own shutdown (forward, give the ranks 30 s, kill them, exit
+# 128 + N without their exit codes): its defaults less SIGTERM, which the launcher forwards instead.
+# PET_SIGNALS_TO_HANDLE is torchrun's --signals-to-handle (torch >= 2.9; older torchrun keeps SIGTERM).
+TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 
 def module_exists(name: str) -> bool:
@@ -64,11 +73,44 @@ def exit_status(exitcodes_by_time: list[int]) -> int:
     return 128 - first if first < 0 else first
 
 
+def child_pids() -> list[int]:
+    """The processes whose parent is this one: the ranks torchrun started (from Linux's /proc)."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])   # the fields after "(command)": state, ppid
+        except (OSError, IndexError, ValueError):                       # gone meanwhile
+            continue
+        if ppid == os.getpid():
+            pids.append(int(entry))
+    return pids
+
+
+def forward_to_ranks(signum: int, frame: FrameType | None) -> None:
+    """Pass a preemption signal on to the ranks (torchrun starts them in sessions of their own, so
+    a signal for the launcher alone misses them): they finish their step, save and exit 75, and
+    torchrun then ends as on any rank's exit. With no rank running yet, stop as torchrun would."""
+    pids = child_pids()
+    if not pids:
+        raise SignalException(f"launcher got {signal.Signals(signum).name} before the ranks started",
+                              signal.Signals(signum))
+    for pid in pids:
+        with suppress(ProcessLookupError):      # exited meanwhile
+            os.kill(pid, signum)
+
+
 def run_torchrun(args: list[str]) -> int:
-    """torchrun in this process, so that the ranks' own exit codes are known (its CLI exits 1)."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    """torchrun in this process, so that the ranks' own exit codes are known (its CLI exits 1).
+
+    The preemption warning (SIGUSR1) is for the ranks, which install their handler at start;
+    ignored here, the launcher survives it and the ranks inherit "ignore" until then. SIGTERM
+    is forwarded to the ranks while they run, then ignored: it must not replace their status."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
+    os.environ["PET_SIGNALS_TO_HANDLE"] = TORCHRUN_SIGNALS
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, forward_to_ranks)
     try:
         torchrun_main(args)
     except ChildFailedError as err:
@@ -76,6 +118,8 @@ def run_torchrun(args: list[str]) -> int:
         return exit_status([failure.exitcode for failure in failures])
     except SignalException as err:
         return 128 + int(err.sigval)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
 
 
@@ -159,9 +203,6 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
 
     os.environ.clear()
     os.environ.update(rank_env)
-    # The preemption warning (SIGUSR1) is for the ranks, which install their handler at start;
-    # ignored here, the launcher survives it and the ranks inherit "ignore" until then.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     with tee_output(log_path) if log_path else nullcontext():
         if node is not None:
             print(f"megads launch: job {node.job_id} (restart {node.restart}) node {node.node_rank}/{node.nnodes} "

@@ -65,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if result["preempted"]:
-        if rank == 0:
-            print(f"megads: stopped at step {result['steps']} on {preemption.reason}, checkpoint saved; "
-                  f"exit status {REQUEUE_EXIT_CODE} asks the launcher to requeue (the rerun resumes from it)")
-        return REQUEUE_EXIT_CODE
+        return preemption.requeue(result["steps"], rank)
     if rank == 0:
         print(summarize(result["metrics"]))
         print(f"run directory: {result['run_dir']}")

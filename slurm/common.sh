@@ -1,7 +1,9 @@
 # shellcheck shell=bash
 # Sourced by the megads sbatch scripts. They run from the checkout they were submitted from
 # ($MEGADS_HOME, default $SLURM_SUBMIT_DIR), refuse to start when their target does not exist,
-# srun one launcher per node, and requeue the job when the run stopped early to be resumed.
+# srun one launcher per node, and requeue the job when the run stopped early to be resumed: on
+# SIGUSR1 or SIGTERM to the job steps the ranks save and the launcher exits 75. SIGTERM to the
+# batch shell itself (scancel, the time limit) is left untrapped, so that scancel still cancels.
 
 MEGADS_HOME="${MEGADS_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}"
 MEGADS_PYTHON="${MEGADS_PYTHON:-python3}"

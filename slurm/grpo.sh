@@ -5,7 +5,8 @@
 #
 # Submit from the checkout. sbatch options on the command line override the defaults below.
 # Preemption works as for slurm/pretrain.sh: SIGUSR1 10 minutes before the time limit (or
-# SIGTERM), a checkpoint, exit 75, requeue, resume. docs/launch.md has the details.
+# SIGTERM), a checkpoint, exit 75, requeue, resume (checkpoint.resume=auto, the default).
+# docs/launch.md and docs/grpo.md have the details.
 #SBATCH --job-name=megads-grpo
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

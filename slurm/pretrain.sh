@@ -7,7 +7,8 @@
 # Submit from the checkout. sbatch options on the command line override the defaults below.
 # 10 minutes before the time limit Slurm sends SIGUSR1: the ranks finish their step, save a
 # checkpoint and exit 75, and this script requeues the job, which resumes from that checkpoint.
-# The same happens on SIGTERM (preemption). docs/launch.md has the details.
+# The same happens on SIGTERM to the job steps (scancel --signal=TERM, a preemption with a grace
+# time). docs/launch.md has the details.
 #SBATCH --job-name=megads-pretrain
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

@@ -1,19 +1,25 @@
 """The launcher without Slurm: rendezvous arguments from SLURM_* environments, the rank
-environment, exit statuses, the sbatch scripts' lint, and the trainer's preemption stop."""
+environment, exit statuses, the sbatch scripts' lint, and the preemption stop of pretraining,
+SFT and GRPO (a signal to a trainer, to the ranks, or SIGTERM to the launcher)."""
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from launch import run as launcher
 from launch.slurm import SlurmError, slurm_node, slurm_torchrun_args
-from megads.checkpoint import latest_checkpoint
+from megads.checkpoint import CheckpointReader, latest_checkpoint
 from megads.config import load_config
 from megads.data import prepare_data
+from megads.rl import cli as post_training
+from megads.rl.grpo_trainer import GRPOTrainer
+from megads.rl.sft import SFTTrainer
 from megads.train.preemption import REQUEUE_EXIT_CODE, PreemptionSignals
 from megads.train.trainer import Trainer
 from tests.distributed import run_ranks
@@ -183,3 +189,112 @@ def test_all_ranks_stop_when_one_rank_is_signalled():
     results = run_ranks(_agree, 2, (), timeout=120)
     assert [r[:2] for r in results] == [(False, True)] * 2
     assert [r[2] for r in results] == ["another rank's preemption signal", "SIGTERM"]
+
+
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"exited with {proc.returncode} before {what}: {proc.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen) -> str:
+    """The output of a launcher that should have exited; SIGINT (torchrun stops its ranks) if not."""
+    try:
+        return proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+
+
+RANK = """import os, signal, sys, time
+if sys.argv[1] == "save":                   # as a trainer does: finish, save, exit for requeue
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
+open(os.path.join(sys.argv[2], os.environ["RANK"]), "w").close()
+time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("ranks, status", [("save", REQUEUE_EXIT_CODE), ("die", 128 + signal.SIGTERM)])
+def test_sigterm_to_the_launcher_reaches_the_ranks_and_their_status_is_its_own(tmp_path, ranks, status):
+    """torchrun under the launcher, with ranks that exit 75 on SIGTERM or die of it (a rank still
+    starting up has no handler yet): SIGTERM to the launcher alone reaches both ranks."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK)
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    driver = (f"import sys; from launch.run import run_torchrun; "
+              f"sys.exit(run_torchrun(['--standalone', '--nproc-per-node=2', {str(script)!r}, {ranks!r}, {str(ready)!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: len(os.listdir(ready)) == 2, 120, "ranks", proc)
+    proc.send_signal(signal.SIGTERM)
+    output = stop(proc)
+    assert proc.returncode == status, output[-3000:]
+
+
+def test_sigterm_to_the_launcher_stops_pretraining_with_a_checkpoint_for_requeue(tmp_path, data_cache):
+    """`python launch/run.py --nproc-per-node 2 pretrain ...` as users run it, SIGTERM after the first step."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "launch/run.py", "--nproc-per-node", "2", "pretrain", "configs/tiny.yaml",
+                             *SMALL, "train.global_batch=4", "train.steps=10000", f"train.run_dir={run_dir}",
+                             f"data.cache_dir={data_cache}"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 300, "first step", proc)
+    proc.send_signal(signal.SIGTERM)
+    output = stop(proc)
+    assert proc.returncode == REQUEUE_EXIT_CODE, output[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert f"megads: stopped at step {steps[-1]} on SIGTERM, checkpoint saved" in output
+    assert 1 <= steps[-1] < 10000
+    assert os.path.basename(latest_checkpoint(str(run_dir / "checkpoints"))) == f"step_{steps[-1]:08d}"
+
+
+def response_length(prompt: str, response: str, answer: str) -> float:
+    """A GRPO reward that differs between a random policy's samples, so that its updates are not zero."""
+    return float(len(response))
+
+
+POST_TRAINING = SMALL + ["model.mtp_depth=0", "train.steps=3", "train.global_batch=4", "checkpoint.resume=auto",
+                         "sft.eval_problems=4", "sft.eval_interval=0", "grpo.eval_problems=4", "grpo.eval_interval=0",
+                         "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.max_new_tokens=8", "grpo.micro_batch=2",
+                         "grpo.kl_beta=0.1", f"grpo.rewards=[{__name__}:response_length]"]
+
+
+def signalled_after_step(trainer_cls, step: int):
+    """`trainer_cls` whose process gets SIGTERM during step `step`."""
+    class Signalled(trainer_cls):
+        def train_step(self) -> dict:
+            record = super().train_step()
+            if self.step == step - 1:                 # self.step counts the finished steps
+                os.kill(os.getpid(), signal.SIGTERM)
+            return record
+    return Signalled
+
+
+@pytest.mark.parametrize("trainer_cls", [SFTTrainer, GRPOTrainer])
+def test_post_training_stops_on_sigterm_and_resumes_exactly(tmp_path, data_cache, capsys, trainer_cls):
+    """`python -m megads.sft / megads.grpo` signalled in step 2 of 3 exit 75 with a checkpoint of step 2;
+    the rerun resumes from it and ends with the metrics, weights and Adam moments of an uninterrupted run."""
+    def run(cls, name):
+        return post_training.main(["configs/tiny.yaml", *POST_TRAINING, f"train.run_dir={tmp_path / name}",
+                                   f"data.cache_dir={data_cache}"], cls, "")
+    previous = signal.getsignal(signal.SIGTERM)
+    assert run(signalled_after_step(trainer_cls, 2), "split") == REQUEUE_EXIT_CODE
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert "megads: stopped at step 2 on SIGTERM, checkpoint saved" in capsys.readouterr().out
+    assert os.path.basename(latest_checkpoint(str(tmp_path / "split" / "checkpoints"))) == "step_00000002"
+    assert run(trainer_cls, "split") == 0 and run(trainer_cls, "whole") == 0
+
+    def metrics(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "step_time_s"} for line in lines]
+    assert metrics("split") == metrics("whole") and [r["step"] for r in metrics("whole")] == [0, 1, 2, 3]
+    assert all(r["grad_norm"] > 0 for r in metrics("whole")[1:])          # every step moved the weights
+    split, whole = (CheckpointReader(latest_checkpoint(str(tmp_path / name / "checkpoints"))) for name in ("split", "whole"))
+    assert split.metadata["step"] == whole.metadata["step"] == 3 and split.names() == whole.names()
+    for name in whole.names():
+        assert torch.equal(split.read(name), whole.read(name)), name

@@ -19,10 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTALL = os.path.join(ROOT, ".ci", "install_slurm.sh")
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "munged")
 STEPS = 12
+DATA = ["data.synthetic_docs=2000", "data.synthetic_valid_docs=100"]     # a small corpus and its tokenizer
 # The tiny model on 4 ranks (DP=2 x TP=2, as configs/tiny.yaml lays it out), cut to short steps.
 RUN = ["train.global_batch=4", "train.micro_batch=2", "train.seq_len=64", "train.log_interval=1",
-       f"train.eval_interval={STEPS}", "train.eval_batches=1", "checkpoint.interval=0",
-       "data.synthetic_docs=2000", "data.synthetic_valid_docs=100"]
+       f"train.eval_interval={STEPS}", "train.eval_batches=1", "checkpoint.interval=0", *DATA]
 # The scripts default to 8 GPUs a node; the time limit leaves room for the 10-minute warning signal.
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=4", "--time=30"]
 
@@ -243,6 +243,29 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(runs):
         assert torch.equal(weights[name], split_weights[name]), name
 
 
+def test_grpo_job_post_trains_the_pretrained_checkpoint(slurm, runs, tmp_path, data_cache):
+    """slurm/grpo.sh on 4 ranks (DP=4 x EP=2) from the pretraining job's checkpoint: two GRPO steps,
+    held-out evaluation, a checkpoint of the post-trained policy."""
+    whole, _ = runs
+    run_dir = tmp_path / "grpo"
+    job_id = slurm.sbatch(*CPU_JOB, f"--output={tmp_path}/%j.out", "slurm/grpo.sh", "configs/grpo-tiny.yaml",
+                          f"grpo.init={whole['run_dir']}/checkpoints", "parallel.ep=2", "train.steps=2",
+                          "grpo.prompts_per_step=8", "grpo.group_size=4", "grpo.micro_batch=8",
+                          "grpo.max_new_tokens=16", "grpo.eval_problems=16", "train.log_interval=1",
+                          f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}", *DATA,
+                          env={"MEGADS_PYTHON": sys.executable, "MEGADS_LOG_DIR": str(tmp_path / "logs")})
+    job = slurm.wait(job_id, timeout=300)
+    with open(tmp_path / f"{job_id}.out") as f:
+        output = f.read()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", output[-3000:]
+    assert "--nproc-per-node=4" in output
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 2]
+    step, tensors = checkpoint_tensors(run_dir)
+    assert step == 2 and any(name.startswith("model.") for name in tensors)
+
+
 @pytest.mark.parametrize("script, args, status, expected", [
     # past the check that megads.grpo exists, the script stops at the missing config, before srun
     ("slurm/grpo.sh", ["configs/no-such-config.yaml"], "2:0", f"megads: error: config configs/no-such-config.yaml not found in {ROOT}"),
@@ -251,7 +274,7 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(runs):
 def test_grpo_and_convert_scripts_start_their_targets(slurm, tmp_path, script, args, status, expected):
     """(tests/test_launch.py checks that they refuse to start while their target is missing.)"""
     job_id = slurm.sbatch("--gpus-per-node=0", "--cpus-per-task=1", "--time=30", f"--output={tmp_path}/%j.out",
-                          script, *args, env={"MEGADS_PYTHON": sys.executable})
+                          script, *args, env={"MEGADS_PYTHON": sys.executable, "MEGADS_LOG_DIR": str(tmp_path / "logs")})
     job = slurm.wait(job_id, timeout=120)
     with open(tmp_path / f"{job_id}.out") as f:
         output = f.read()

@@ -14,6 +14,7 @@ from megads.config import ConfigError, load_config
 from megads.data import prepare_data
 from megads.parallel.mesh import build_mesh
 from megads.pretrain import init_distributed
+from megads.train.preemption import PreemptionSignals
 
 
 def summarize(metrics_path: str) -> str:
@@ -49,13 +50,16 @@ def main(argv: list[str] | None, trainer_cls, usage: str) -> int:
         return 2
     init_distributed(world_size)
     try:
-        result = trainer_cls(cfg, data.tokenizer, build_mesh(cfg.parallel)).fit()
+        with PreemptionSignals() as preemption:
+            result = trainer_cls(cfg, data.tokenizer, build_mesh(cfg.parallel)).fit(preemption)
     except (ConfigError, CheckpointError) as err:
         print(f"megads: error: {err}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if result["preempted"]:
+        return preemption.requeue(result["steps"], rank)
     if rank == 0:
         print(summarize(result["metrics"]))
         print(f"run directory: {result['run_dir']}")

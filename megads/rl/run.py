@@ -1,6 +1,6 @@
 """What SFT and GRPO share: the policy on the mesh, its optimizer, held-out evaluation,
 checkpoints in the layout-free format (resume under any layout) and the step loop that
-writes metrics.jsonl / TensorBoard like pretraining."""
+writes metrics.jsonl / TensorBoard and stops on a preemption signal like pretraining."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +20,7 @@ from megads.rl.policy import build_policy
 from megads.rl.problems import held_out_problems
 from megads.train.metrics import MetricsWriter, format_duration
 from megads.train.optim import build_optimizer, set_lr
+from megads.train.preemption import PreemptionSignals
 from megads.train.trainer import resolve_device, resolve_dtype
 
 log = logging.getLogger("megads")
@@ -97,13 +98,17 @@ class PolicyRun:
         """Whether to end the run after the step that produced `record`."""
         return False
 
-    def fit(self) -> dict:
+    def fit(self, preemption: PreemptionSignals | None = None) -> dict:
+        """Train to train.steps or the stage's target; with `preemption`, stop after the step in which
+        a preemption signal arrived, save a checkpoint and return with "preempted": True."""
         cfg, t = self.cfg, self.cfg.train
         resumed = self.maybe_resume()
         if resumed:
             log.info(f"{self.section}: resumed from {resumed} at step {self.step}")
         metrics = MetricsWriter(cfg.run_dir, enabled=self.mesh.rank == 0, resume_step=self.step)
         started, start_step = time.perf_counter(), self.step
+        saved_step = self.step          # the checkpoint resumed from (or none, at step 0)
+        preempted = False
         if self.step == 0:
             record = {"step": 0, **self.evaluate()}
             metrics.write(record)
@@ -125,12 +130,18 @@ class PolicyRun:
                 log.info(f"{self.section} step {self.step}/{t.steps} | {shown} | eta {format_duration(rate * (t.steps - self.step))}")
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 self.save()
+                saved_step = self.step
             if self.reached_target(record):
                 log.info(f"{self.section}: target reached at step {self.step}")
                 break
-        if cfg.checkpoint.save_at_end and self.step > start_step:
+            preempted = self.step < t.steps and preemption is not None and preemption.stop_agreed(self.device)
+            if preempted:
+                log.info(f"{self.section}: stopping after step {self.step} on a preemption signal; "
+                         f"saving a checkpoint to resume from")
+                break
+        if (cfg.checkpoint.save_at_end or preempted) and self.step != saved_step:
             self.save()
         metrics.close()
-        return {"steps": self.step, "run_dir": cfg.run_dir, "metrics": metrics.path}
+        return {"steps": self.step, "run_dir": cfg.run_dir, "metrics": metrics.path, "preempted": preempted}
 
     logged_keys: tuple[str, ...] = ("loss", "eval_accuracy")

@@ -1,10 +1,11 @@
 """Stop training cleanly when the scheduler asks, so that a requeued job resumes where it stopped.
 
 Slurm sends SIGUSR1 ahead of the time limit (`sbatch --signal=USR1@600`) and SIGTERM when it
-preempts or cancels a job. The handler only records the signal. After every optimizer step the
-trainer asks `stop_agreed()`: one all-reduce makes every rank stop after the same step even when
-the signal reached them during different steps. The trainer then saves a checkpoint and the
-entry point exits with REQUEUE_EXIT_CODE, which the launcher and slurm/*.sh turn into
+preempts or cancels a job (launch/run.py forwards a SIGTERM it gets to the ranks). The handler
+only records the signal. After every optimizer step the trainer (pretraining, SFT, GRPO) asks
+`stop_agreed()`: one all-reduce makes every rank stop after the same step even when the signal
+reached them during different steps. The trainer then saves a checkpoint and the entry point
+exits with REQUEUE_EXIT_CODE (`requeue()`), which the launcher and slurm/*.sh turn into
 `scontrol requeue`; the requeued job resumes from that checkpoint (checkpoint.resume=auto).
 """
 from __future__ import annotations
@@ -54,3 +55,10 @@ class PreemptionSignals:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def requeue(self, steps: int, rank: int) -> int:
+        """The entry point's exit status once the trainer stopped after step `steps` and saved."""
+        if rank == 0:
+            print(f"megads: stopped at step {steps} on {self.reason}, checkpoint saved; "
+                  f"exit status {REQUEUE_EXIT_CODE} asks the launcher to requeue (the rerun resumes from it)")
+        return REQUEUE_EXIT_CODE
