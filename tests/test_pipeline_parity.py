@@ -85,13 +85,14 @@ def _merge(results, key):
 @pytest.mark.parametrize("world_size, overrides", [
     (2, ["parallel.pp=2", "parallel.pipeline_schedule=1f1b"]),
     (4, ["parallel.pp=4", "parallel.pipeline_schedule=1f1b"]),
+    (2, ["parallel.pp=2", "parallel.pipeline_schedule=1f1b", "parallel.pipeline_layout=Et|tttLm"]),
     (2, ["parallel.pp=2", "parallel.pipeline_schedule=dualpipe"]),
     (4, ["parallel.pp=4", "parallel.pipeline_schedule=dualpipe"]),
     (2, ["parallel.pp=2", "parallel.pipeline_schedule=dualpipev"]),
     (4, ["parallel.pp=2", "parallel.pipeline_schedule=dualpipe", "parallel.ep=2", "parallel.zero_stage=1"]),
     (8, ["parallel.pp=2", "parallel.tp=2", "parallel.ep=2", "parallel.pipeline_schedule=dualpipe",
          "parallel.zero_stage=1"]),
-], ids=["1f1b-pp2", "1f1b-pp4", "dualpipe-pp2", "dualpipe-pp4", "dualpipev-pp2", "dualpipe-pp2-ep2-dp2-mtp",
+], ids=["1f1b-pp2", "1f1b-pp4", "1f1b-pp2-uneven-layout", "dualpipe-pp2", "dualpipe-pp4", "dualpipev-pp2", "dualpipe-pp2-ep2-dp2-mtp",
         "dualpipe-pp2-dp2-tp2-ep2"])
 def test_pipeline_parity_with_single_process(reference, data_cache, world_size, overrides):
     results = run_ranks(_rank_main, world_size, args=(data_cache, overrides), timeout=900)
