@@ -73,7 +73,23 @@ def test_metrics_and_tensorboard(tmp_path, data_cache):
         assert row["max_load_ratio"] >= 1.0 and row["mtp_loss"] > 0 and row["balance_loss"] > 0
         assert row["loss"] == pytest.approx(row["lm_loss"] + 0.3 * row["mtp_loss"] + row["balance_loss"], rel=1e-6)
     assert "valid_loss" in rows[2]
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
+    load_keys = sorted(k for k in rows[1] if k.startswith("load/"))
+    assert load_keys and all(k.endswith(("/max_mean", "/min_mean")) for k in load_keys)
+    for row in rows[1:]:
+        for key in load_keys:
+            assert (row[key] >= 1.0) if key.endswith("max_mean") else (0.0 <= row[key] <= 1.0), (key, row[key])
+
+    # TensorBoard holds the same scalars, and a histogram of every MoE layer's expert load.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "histograms": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    for key in required - {"step"} | {"valid_loss", *load_keys}:
+        assert f"train/{key}" in scalars, key
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in rows[1:]])
+    layers = {k.split("/")[1] for k in load_keys}
+    m = cfg.model
+    assert len(layers) == m.num_layers - m.first_k_dense + m.mtp_depth            # every MoE layer, MTP's too
+    assert {f"train/load/{layer}" for layer in layers} <= set(events.Tags()["histograms"])
 
     # tools/plot_metrics.py draws the run's curves (a PNG of the panels' size).
     picture = tmp_path / "curves.png"
