@@ -14,7 +14,7 @@ from megads.config import ConfigError, load_config
 from megads.data import prepare_data
 from megads.parallel.data import deepspeed_config
 from megads.parallel.mesh import Mesh, build_mesh
-from megads.train.preemption import REQUEUE_EXIT_CODE, PreemptionSignals
+from megads.train.preemption import PreemptionSignals
 from megads.train.trainer import NonFiniteError, Trainer
 
 log = logging.getLogger("megads")

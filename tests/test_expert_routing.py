@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megads.config import ModelConfig, ParallelConfig
-from megads.model.moe import MoE, grouped_linear, grouped_linear_loop
+from megads.model.moe import MoE, grouped_linear
 from megads.parallel.expert import parallelize_experts
 from megads.parallel.mesh import build_mesh
 from tests.distributed import run_ranks
