@@ -14,9 +14,18 @@ global-norm clipping, fused AdamW on fp32 master weights, router-bias update. Ti
   fp8, bf16 experts       FP8 for the dense and attention projections, routed experts in bf16
 
 Data: megads' synthetic arithmetic corpus (data.source=synthetic, built into data.cache_dir
-if it is not there). The loss comparison (--loss-steps) trains bf16 twice (run-to-run noise)
-and fp8 once from the same seed on the same data with deterministic algorithms where PyTorch
-has them, on a schedule meant to be stable (--loss-overrides): lr 3e-4, 50 warm-up steps.
+if it is not there). The loss comparison (--loss-steps) trains each of --loss-arms
+(variant:seed[:noise]; the seed sets the initial weights and the document order; noise, if
+given, multiplies every initial weight by 1 + noise * N(0, 1), a control for how far a run moves
+from a perturbation alone) with deterministic
+algorithms where PyTorch has them and, by default, SDPA's math attention (its backward has no
+atomics), on a schedule meant to be stable (--loss-overrides): lr 3e-4, 50 warm-up steps. A
+variant repeated with the same seed shows whether two runs are bitwise identical; the
+operations PyTorch flags as nondeterministic in the first step are printed.
+
+The profile (--profile-rows) gives CUDA kernel time by category and the GEMM time split into
+what FP8 may take (every projection) and what the recipe keeps in bf16 (output head, router),
+from which it prints the most an FP8 step could gain over this bf16 step.
 """
 from __future__ import annotations
 
@@ -30,12 +39,14 @@ import json           # noqa: E402
 import re             # noqa: E402
 import sys            # noqa: E402
 import time           # noqa: E402
+import warnings       # noqa: E402
 
 import numpy as np    # noqa: E402
 import torch          # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import megads.model.mla as mla                                             # noqa: E402
 from megads.config import load_config                                      # noqa: E402
 from megads.data import prepare_data                                       # noqa: E402
 from megads.train.trainer import Trainer                                   # noqa: E402
@@ -45,6 +56,9 @@ VARIANTS = {"bf16": ["fp8.enabled=false"],
             "fp8, no weight cache": ["fp8.enabled=true", "fp8.cache_weights=false"],
             "fp8, bf16 experts": ["fp8.enabled=true", "fp8.exclude=['*.experts', '*.experts.*']"]}
 LOSS_OVERRIDES = ["train.lr=3e-4", "train.min_lr=3e-5", "train.warmup_steps=50", "train.global_batch=2"]
+LOSS_ARMS = ["bf16:1234", "bf16:1234", "fp8:1234", "bf16:4321", "fp8:4321"]
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::_scaled_mm",
+            "aten::_scaled_grouped_mm")
 # kernel name -> category, first match wins (CUDA kernels of one profiled step)
 CATEGORIES = [("FP8 quantisation (Triton)", r"_quant_act_kernel|_quant_weight_kernel"),
               ("FP8 grouped expert GEMMs (Triton)", r"_grouped_mm_kernel|_grouped_wgrad_kernel"),
@@ -113,41 +127,114 @@ def categorise(events) -> dict[str, float]:
     totals: dict[str, float] = {}
     for event in events:
         label = next((c for c, pattern in CATEGORIES if re.search(pattern, event.key)), "other")
-        totals[label] = totals.get(label, 0.0) + event.device_time_total / 1e3
+        totals[label] = totals.get(label, 0.0) + event.self_device_time_total / 1e3   # 0 for GPU annotations
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
+def split_gemms(events, vocab_size: int, n_experts: int) -> dict[str, float]:
+    """CUDA time (ms) of the GEMM operators by what the FP8 recipe does with them: the output head
+    (a dimension equal to the vocabulary) and the router (one equal to the expert count) stay in
+    bf16; every other GEMM is a projection FP8 may take. The Triton FP8 expert kernels are not
+    aten operators and are counted under their own category."""
+    split = {"output head (bf16 in the recipe)": 0.0, "router (bf16 in the recipe)": 0.0, "projections": 0.0}
+    for event in events:
+        if event.key not in GEMM_OPS:
+            continue
+        dims = {d for shape in event.input_shapes for d in shape}
+        label = ("output head (bf16 in the recipe)" if vocab_size in dims
+                 else "router (bf16 in the recipe)" if n_experts in dims and event.key == "aten::mm" else "projections")
+        split[label] += event.device_time_total / 1e3
+    return split
+
+
 def profile(args, report: dict) -> None:
-    """CUDA kernel time of one step, bf16 and fp8: top kernels and time per category (ms)."""
+    """CUDA kernel time of one step per variant: top kernels, time per category and the GEMM split
+    (ms); for bf16 also the bound on what FP8 GEMMs could gain."""
     for name in args.profile_variants:
         trainer, _ = build(args.config, VARIANTS[name], args.data_docs, args.cache_dir)
         for _ in range(args.warmup):
             trainer.train_step(trainer.train_batches.next_step())
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+            tic = time.perf_counter()
             trainer.train_step(trainer.train_batches.next_step())
             torch.cuda.synchronize()
-        events = prof.key_averages()
-        table = events.table(sort_by="cuda_time_total", row_limit=args.profile_rows, max_name_column_width=60)
-        categories = categorise(events)
+            wall = (time.perf_counter() - tic) * 1e3
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_rows,
+                                          max_name_column_width=60)
+        categories = categorise(kernels)
         total = sum(categories.values())
-        report.setdefault("profile", {})[name] = {"table": table, "categories_ms": categories, "total_ms": total}
-        print(f"--- {name} step: CUDA time {total:.1f} ms by category\n"
-              + "\n".join(f"  {k:>50}: {v:7.1f} ms" for k, v in categories.items()) + f"\n{table}", flush=True)
+        gemms = split_gemms(prof.key_averages(group_by_input_shape=True), trainer.cfg.model.vocab_size,
+                            trainer.cfg.model.n_routed_experts)
+        entry = {"table": table, "categories_ms": categories, "total_ms": total, "gemm_split_ms": gemms,
+                 "profiled_wall_ms": wall}
+        print(f"--- {name} step: CUDA time {total:.1f} ms by category (profiled wall {wall:.0f} ms)\n"
+              + "\n".join(f"  {k:>50}: {v:7.1f} ms" for k, v in categories.items())
+              + "\n  GEMM operators: " + ", ".join(f"{k} {v:.1f} ms" for k, v in gemms.items()), flush=True)
+        if name == "bf16":
+            entry["fp8_bound"] = fp8_bound(total, gemms["projections"],
+                                           gemms["output head (bf16 in the recipe)"] + gemms["router (bf16 in the recipe)"])
+        print(table, flush=True)
+        report.setdefault("profile", {})[name] = entry
         release(trainer)
+
+
+def fp8_bound(total: float, projections: float, kept: float, speedups=(1.4, 1.6, 2.0)) -> dict:
+    """The most an FP8 step could gain over a bf16 step of `total` ms of kernels whose FP8-eligible
+    GEMMs take `projections` ms: those GEMMs `s` times faster and quantisation free. Also the same
+    with every non-GEMM kernel free in both steps (the limit of fusing everything else away)."""
+    bound = {}
+    for speedup in speedups:
+        step = total / (total - projections * (1 - 1 / speedup))
+        gemms_only = (projections + kept) / (projections / speedup + kept)
+        bound[f"{speedup}x"] = {"step": step, "gemms_only": gemms_only}
+        print(f"  FP8 bound with projection GEMMs {speedup}x faster and free quantisation: step "
+              f"{step:.3f}x; with every non-GEMM kernel free in both: {gemms_only:.3f}x", flush=True)
+    return bound
+
+
+def first_step_warnings(trainer: Trainer) -> tuple[object, list[str]]:
+    """One training step, returning its result and the distinct warnings raised in it (the
+    operations PyTorch flags as nondeterministic under warn_only)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = trainer.train_step(trainer.train_batches.next_step())
+    return result, sorted({str(w.message).splitlines()[0][:200] for w in caught})
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, noise: float) -> None:
+    """Multiply every parameter by 1 + noise * N(0, 1) (its own generator: the run's seed is untouched)."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    for param in model.parameters():
+        param.mul_(1 + noise * torch.randn(param.shape, generator=generator).to(param.device))
 
 
 def loss_curves(args, report: dict) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-    runs = {}
-    for label, name in (("bf16 (run 1)", "bf16"), ("bf16 (run 2)", "bf16"), ("fp8", "fp8")):
-        trainer, shape = build(args.config, VARIANTS[name] + args.loss_overrides + [f"train.steps={args.loss_steps}"],
-                               args.data_docs, args.cache_dir)
+    if args.loss_attention == "math":
+        mla.SDPA_BACKENDS = [mla.SDPBackend.MATH]
+    runs: dict[str, np.ndarray] = {}
+    for arm in args.loss_arms:
+        name, seed, *noise = arm.split(":")
+        label = f"{name} seed {seed}" + (f" weights x (1 + {noise[0]} N(0,1))" if noise else "")
+        label += " (repeat)" if label in runs else ""
+        trainer, shape = build(args.config, VARIANTS[name] + args.loss_overrides
+                               + [f"train.steps={args.loss_steps}", f"train.seed={seed}"], args.data_docs, args.cache_dir)
+        if noise:
+            perturb(trainer.model, float(noise[0]))
         losses, skipped, tic = [], 0, time.perf_counter()
         for i in range(args.loss_steps):
-            result = trainer.train_step(trainer.train_batches.next_step())
+            if i == 0:
+                result, flagged = first_step_warnings(trainer)
+                report.setdefault("loss_warnings", {})[label] = flagged
+                print(f"  {label}: warnings in step 1: {flagged or 'none'}", flush=True)
+            else:
+                result = trainer.train_step(trainer.train_batches.next_step())
             trainer.step += 1
             losses.append(result.lm_loss)
             skipped += result.skipped
@@ -156,32 +243,49 @@ def loss_curves(args, report: dict) -> None:
                       flush=True)
         runs[label] = np.array(losses)
         report.setdefault("loss_curves_partial", {})[label] = losses
+        report.setdefault("loss_skipped", {})[label] = skipped
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=1)
         print(f"{label}: {args.loss_steps} steps of {shape['global_batch']} x {trainer.cfg.train.seq_len} tokens in "
               f"{time.perf_counter() - tic:.0f} s, {skipped} skipped", flush=True)
-        report.setdefault("loss_skipped", {})[label] = skipped
         release(trainer)
+    report["loss"] = summarise_losses(runs, args)
+
+
+def summarise_losses(runs: dict[str, np.ndarray], args) -> dict:
+    """Mean loss of the last 50 steps per run; FP8 runs, repeats and perturbed runs against bf16 of
+    the same seed; bf16 seeds against each other (the spread a different seed alone gives)."""
     tail = min(50, args.loss_steps)
     mean = {label: float(curve[-tail:].mean()) for label, curve in runs.items()}
-    a, b, f = runs["bf16 (run 1)"], runs["bf16 (run 2)"], runs["fp8"]
-    summary = {"steps": args.loss_steps, "overrides": args.loss_overrides, "tail": tail, f"last{tail}_mean": mean,
-               "bf16_runs_identical": bool(np.array_equal(a, b)),
-               "bf16_run_to_run_max_step_rel": float(np.abs(a - b).max() / a[-tail:].mean()),
-               "bf16_run_to_run_tail_mean_rel": abs(mean["bf16 (run 2)"] - mean["bf16 (run 1)"]) / mean["bf16 (run 1)"],
-               "fp8_vs_bf16_tail_mean_rel": (mean["fp8"] - mean["bf16 (run 1)"]) / mean["bf16 (run 1)"],
-               "fp8_vs_bf16_tail_mean_rel_to_run2": (mean["fp8"] - mean["bf16 (run 2)"]) / mean["bf16 (run 2)"],
-               "fp8_vs_bf16_max_step_rel_after_100":
-                   float((np.abs(f - a) / a)[100:].max()) if args.loss_steps > 100 else None,
-               "curves": {label: curve.tolist() for label, curve in runs.items()}}
-    report["loss"] = summary
+    rel = lambda a, b: (mean[a] - mean[b]) / mean[b]                                   # noqa: E731
+    summary = {"steps": args.loss_steps, "overrides": args.loss_overrides, "attention": args.loss_attention,
+               "tail": tail, f"last{tail}_mean": mean, "fp8_vs_bf16": {}, "repeats": {}, "perturbed": {}}
+    for label in runs:
+        plain = label.split(" weights x")[0].replace(" (repeat)", "")
+        bf16 = plain.replace("fp8", "bf16", 1)
+        steps = np.abs(runs[label] - runs[bf16]) / runs[bf16] if bf16 in runs and label != bf16 else None
+        row = None if steps is None else {
+            "identical": bool(np.array_equal(runs[label], runs[bf16])), "tail_mean_rel": rel(label, bf16),
+            "median_step_rel_after_100": float(np.median(steps[100:])) if args.loss_steps > 100 else None}
+        if row is not None:
+            key = "repeats" if label.endswith("(repeat)") else "perturbed" if " weights x" in label else "fp8_vs_bf16"
+            summary[key][label] = row
+    bf16 = [label for label in runs if label.startswith("bf16 ") and label.split(" ")[-1].isdigit()]
+    if len(bf16) > 1:
+        summary["bf16_seed_spread_tail_mean_rel"] = (max(mean[b] for b in bf16) - min(mean[b] for b in bf16)) \
+            / min(mean[b] for b in bf16)
+    summary["curves"] = {label: curve.tolist() for label, curve in runs.items()}
     for i in list(range(0, args.loss_steps, 25)) + [args.loss_steps - 1]:
         print(f"step {i + 1:4d}: " + "  ".join(f"{label} {curve[i]:.4f}" for label, curve in runs.items()))
     print(f"last-{tail}-step mean loss: " + ", ".join(f"{k} {v:.4f}" for k, v in mean.items()))
-    print(f"bf16 run 1 vs run 2: identical={summary['bf16_runs_identical']}, last-{tail} mean rel diff "
-          f"{summary['bf16_run_to_run_tail_mean_rel']:.3%}; fp8 vs bf16: last-{tail} mean rel diff "
-          f"{summary['fp8_vs_bf16_tail_mean_rel']:+.3%} (vs run 2: {summary['fp8_vs_bf16_tail_mean_rel_to_run2']:+.3%})")
+    for key in ("repeats", "perturbed", "fp8_vs_bf16"):
+        for label, row in summary[key].items():
+            print(f"{label}: " + ", ".join(f"{k} {v:+.4%}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in row.items()))
+    if "bf16_seed_spread_tail_mean_rel" in summary:
+        print(f"bf16 seed-to-seed spread of the last-{tail} mean: {summary['bf16_seed_spread_tail_mean_rel']:.3%}")
+    return summary
 
 
 def main() -> None:
@@ -198,6 +302,9 @@ def main() -> None:
     parser.add_argument("--profile-variants", nargs="+", default=["bf16", "fp8"], choices=list(VARIANTS))
     parser.add_argument("--loss-steps", type=int, default=0, help="0 skips the loss comparison")
     parser.add_argument("--loss-overrides", nargs="*", default=LOSS_OVERRIDES)
+    parser.add_argument("--loss-arms", nargs="+", default=LOSS_ARMS, help="variant:seed, in order")
+    parser.add_argument("--loss-attention", choices=["math", "megads"], default="math",
+                        help="math: SDPA's math attention (deterministic backward); megads: megads' own choice")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
