@@ -219,10 +219,13 @@ def loss_curves(args, report: dict) -> None:
     if args.loss_attention == "math":
         mla.SDPA_BACKENDS = [mla.SDPBackend.MATH]
     runs: dict[str, np.ndarray] = {}
+    baselines: dict[str, str | None] = {}    # label -> the bf16 run of the same seed it is compared with
     for arm in args.loss_arms:
         name, seed, *noise = arm.split(":")
         label = f"{name} seed {seed}" + (f" weights x (1 + {noise[0]} N(0,1))" if noise else "")
         label += " (repeat)" if label in runs else ""
+        baseline = f"bf16 seed {seed}"
+        baselines[label] = None if label == baseline else baseline
         trainer, shape = build(args.config, VARIANTS[name] + args.loss_overrides
                                + [f"train.steps={args.loss_steps}", f"train.seed={seed}"], args.data_docs, args.cache_dir)
         if noise:
@@ -250,36 +253,33 @@ def loss_curves(args, report: dict) -> None:
         print(f"{label}: {args.loss_steps} steps of {shape['global_batch']} x {trainer.cfg.train.seq_len} tokens in "
               f"{time.perf_counter() - tic:.0f} s, {skipped} skipped", flush=True)
         release(trainer)
-    report["loss"] = summarise_losses(runs, args)
+    report["loss"] = summarise_losses(runs, baselines, args)
 
 
-def summarise_losses(runs: dict[str, np.ndarray], args) -> dict:
-    """Mean loss of the last 50 steps per run; FP8 runs, repeats and perturbed runs against bf16 of
-    the same seed; bf16 seeds against each other (the spread a different seed alone gives)."""
+def summarise_losses(runs: dict[str, np.ndarray], baselines: dict[str, str | None], args) -> dict:
+    """Mean loss of the last 50 steps per run; every run against its bf16 baseline (same seed),
+    grouped into repeats, perturbed runs and the other variants; the spread of the bf16 seeds."""
     tail = min(50, args.loss_steps)
     mean = {label: float(curve[-tail:].mean()) for label, curve in runs.items()}
-    rel = lambda a, b: (mean[a] - mean[b]) / mean[b]                                   # noqa: E731
     summary = {"steps": args.loss_steps, "overrides": args.loss_overrides, "attention": args.loss_attention,
-               "tail": tail, f"last{tail}_mean": mean, "fp8_vs_bf16": {}, "repeats": {}, "perturbed": {}}
-    for label in runs:
-        plain = label.split(" weights x")[0].replace(" (repeat)", "")
-        bf16 = plain.replace("fp8", "bf16", 1)
-        steps = np.abs(runs[label] - runs[bf16]) / runs[bf16] if bf16 in runs and label != bf16 else None
-        row = None if steps is None else {
-            "identical": bool(np.array_equal(runs[label], runs[bf16])), "tail_mean_rel": rel(label, bf16),
+               "tail": tail, f"last{tail}_mean": mean, "repeats": {}, "perturbed": {}, "vs_bf16": {}}
+    for label, base in baselines.items():
+        if base not in runs:
+            continue
+        steps = np.abs(runs[label] - runs[base]) / runs[base]
+        key = "repeats" if label.endswith("(repeat)") else "perturbed" if " weights x" in label else "vs_bf16"
+        summary[key][label] = {
+            "identical": bool(np.array_equal(runs[label], runs[base])),
+            "tail_mean_rel": (mean[label] - mean[base]) / mean[base],
             "median_step_rel_after_100": float(np.median(steps[100:])) if args.loss_steps > 100 else None}
-        if row is not None:
-            key = "repeats" if label.endswith("(repeat)") else "perturbed" if " weights x" in label else "fp8_vs_bf16"
-            summary[key][label] = row
-    bf16 = [label for label in runs if label.startswith("bf16 ") and label.split(" ")[-1].isdigit()]
-    if len(bf16) > 1:
-        summary["bf16_seed_spread_tail_mean_rel"] = (max(mean[b] for b in bf16) - min(mean[b] for b in bf16)) \
-            / min(mean[b] for b in bf16)
+    seeds = [mean[label] for label, base in baselines.items() if base is None]
+    if len(seeds) > 1:
+        summary["bf16_seed_spread_tail_mean_rel"] = (max(seeds) - min(seeds)) / min(seeds)
     summary["curves"] = {label: curve.tolist() for label, curve in runs.items()}
     for i in list(range(0, args.loss_steps, 25)) + [args.loss_steps - 1]:
         print(f"step {i + 1:4d}: " + "  ".join(f"{label} {curve[i]:.4f}" for label, curve in runs.items()))
     print(f"last-{tail}-step mean loss: " + ", ".join(f"{k} {v:.4f}" for k, v in mean.items()))
-    for key in ("repeats", "perturbed", "fp8_vs_bf16"):
+    for key in ("repeats", "perturbed", "vs_bf16"):
         for label, row in summary[key].items():
             print(f"{label}: " + ", ".join(f"{k} {v:+.4%}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in row.items()))
