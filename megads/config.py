@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import types
@@ -53,6 +54,7 @@ class ModelConfig:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 1.0
+    rope_attention_factor: float = 1.0     # cos/sin factor beyond mscale / mscale_all_dim (HF attention_factor)
     max_position_embeddings: int = 4096
     mtp_depth: int = 0                     # num_nextn_predict_layers
     init_std: float = 0.006
@@ -110,6 +112,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 3           # consecutive skipped steps before stopping
     peak_tflops: float | None = None       # for MFU; default: the device's known bf16 peak
     run_dir: str | None = None             # default: runs/<config name>
+    archive_previous_run: bool = False     # a fresh start into a run directory holding a run moves that run to
+                                           # <run_dir>/previous/<time>/ (default: refuse, naming the choices)
 
 
 @dataclass
@@ -142,6 +146,8 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str = "auto"                   # auto (latest in dir) | none | a checkpoint path
     save_at_end: bool = True
+    verify: bool = True                    # check every file's sha256 (recorded at save) before loading
+    weights_only: bool = False             # load only the model weights of checkpoint.resume: step 0, fresh optimizer
 
 
 @dataclass
@@ -211,6 +217,18 @@ class Config:
         _validate_checkpoint(self.checkpoint)
         _validate_sft(self.sft)
         _validate_grpo(self.grpo)
+        return self
+
+    def check_machine(self) -> "Config":
+        """Settings this machine cannot run (checked by the entry points before any work; `validate`
+        stays machine-independent, so a config for GPUs validates anywhere)."""
+        import torch
+        gpu = torch.cuda.is_available()
+        _require(self.train.device != "cuda" or gpu, "train.device=cuda but PyTorch sees no GPU here; "
+                                                     "use train.device=auto or cpu")
+        _require(not (self.fp8.enabled and self.fp8.backend == "torch" and not gpu),
+                 f"fp8.backend=torch runs on a Hopper GPU, but PyTorch sees no GPU here (train.device="
+                 f"{self.train.device} runs on the CPU); use fp8.backend=emulated on CPU")
         return self
 
     def validate_generation_layout(self, world_size: int, problems: int) -> "Config":
@@ -290,13 +308,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     for option in options:
         if option is type(None) and value is None:
             return None
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is float and isinstance(value, str):          # YAML 1.1 reads "2e-4" as a string
-            try:
-                return float(value)
+        if option is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:                                                # YAML 1.1 reads "2e-4" as a string
+                number = float(value)
             except ValueError:
-                pass
+                continue
+            if not math.isfinite(number):
+                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+            return number
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is bool and isinstance(value, bool):
@@ -326,6 +345,7 @@ def _validate_model(m: ModelConfig) -> None:
     _require(m.qk_rope_head_dim % 2 == 0, f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even (RoPE rotates pairs)")
     _require(m.mtp_depth >= 0, f"model.mtp_depth must be >= 0, got {m.mtp_depth}")
     _require(m.rope_factor >= 1.0, f"model.rope_factor={m.rope_factor} must be >= 1 (1 disables YaRN)")
+    _require(m.rope_attention_factor > 0, f"model.rope_attention_factor must be positive, got {m.rope_attention_factor}")
     if m.n_moe_layers > 0 or m.mtp_depth > 0:
         _require(m.n_routed_experts > 0, f"model.n_routed_experts must be positive when MoE layers exist, got {m.n_routed_experts}")
         _require(m.moe_intermediate_size > 0, f"model.moe_intermediate_size must be positive, got {m.moe_intermediate_size}")
@@ -347,7 +367,7 @@ def _validate_model(m: ModelConfig) -> None:
 def _validate_schedule(value: float | list, key: str) -> None:
     if isinstance(value, list):
         ok = all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and isinstance(p[1], (int, float))
-                 for p in value) and value and value[0][0] == 0
+                 and not isinstance(p[1], bool) and math.isfinite(p[1]) for p in value) and value and value[0][0] == 0
         _require(bool(ok), f"train.{key} must be a number or a list of [step, value] pairs starting at step 0, got {value!r}")
         steps = [p[0] for p in value]
         _require(steps == sorted(set(steps)), f"train.{key}: steps must increase, got {steps}")
@@ -361,15 +381,31 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _require(t.seq_len <= m.max_position_embeddings,
              f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
     _require(t.lr_schedule in ("constant", "cosine"), f"train.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
-    _require(t.lr > 0 and 0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
+    _require(t.lr > 0, f"train.lr must be a positive learning rate, got {t.lr}")
+    _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(t.decay_start is None or t.decay_start >= 0, f"train.decay_start must be >= 0 or null, got {t.decay_start}")
+    _require(t.decay_steps is None or t.decay_steps > 0,
+             f"train.decay_steps must be positive (the cosine's length in steps) or null (to the last step), "
+             f"got {t.decay_steps}")
     for pair in t.lr_after:
-        _require(isinstance(pair, list) and len(pair) == 2, f"train.lr_after entries must be [step, lr], got {pair!r}")
+        _require(isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int) and pair[0] >= 0
+                 and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool)
+                 and math.isfinite(pair[1]) and pair[1] >= 0,
+                 f"train.lr_after entries must be [step, lr] with a step >= 0 and a finite lr >= 0, got {pair!r}")
+    _require(0 <= t.seed < 2 ** 32, f"train.seed must be between 0 and 2**32 - 1, got {t.seed}")
+    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    for key in ("beta1", "beta2"):
+        _require(0 <= getattr(t, key) < 1, f"train.{key} must be in [0, 1), got {getattr(t, key)}")
+    _require(t.eps > 0, f"train.eps must be positive (AdamW divides by sqrt(v) + eps), got {t.eps}")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
     _require(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype must be auto, bf16 or fp32, got {t.dtype!r}")
     _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables clipping), got {t.grad_clip}")
     _require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     _require(t.eval_interval >= 0 and t.eval_batches >= 1, "train.eval_interval must be >= 0 and train.eval_batches >= 1")
+    _require(t.peak_tflops is None or t.peak_tflops > 0, f"train.peak_tflops must be positive or null, got {t.peak_tflops}")
+    _require(t.run_dir is None or not os.path.exists(t.run_dir) or os.path.isdir(t.run_dir),
+             f"train.run_dir={t.run_dir!r} is an existing file, not a directory; choose a directory path")
     _validate_schedule(t.bias_update_speed, "bias_update_speed")
     _validate_schedule(t.mtp_loss_weight, "mtp_loss_weight")
 
@@ -411,7 +447,7 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world_
                  f"model.n_group={m.n_group} does not fit parallel.ep={p.ep}: node-limited routing lays each expert "
                  f"group onto a block of EP ranks, so n_group must divide ep or be a multiple of it")
     if p.deepspeed_config is not None:
-        _require(os.path.exists(p.deepspeed_config), f"parallel.deepspeed_config: {p.deepspeed_config} does not exist")
+        _validate_deepspeed_json(p.deepspeed_config)
     if world_size is None:
         return
     _require(world_size % (p.tp * p.pp) == 0,
@@ -431,6 +467,17 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig, world_
              f"(got pp={p.pp}) and a step number >= 1; set it to 0 to switch tracing off")
     if p.pp > 1:
         _validate_pipeline(p, m, t.global_batch // (dp * t.micro_batch), dp)
+
+
+def _validate_deepspeed_json(path: str) -> None:
+    _require(os.path.isfile(path), f"parallel.deepspeed_config: {path} does not exist")
+    try:
+        with open(path) as f:
+            extra = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"parallel.deepspeed_config: {path} is not valid JSON ({err}); fix the file or drop the "
+                          f"setting") from None
+    _require(isinstance(extra, dict), f"parallel.deepspeed_config: {path} must hold a JSON object of DeepSpeed settings")
 
 
 def _validate_pipeline(p: ParallelConfig, m: ModelConfig, micro_batches: int, dp: int) -> None:
@@ -469,8 +516,13 @@ def _validate_fp8(f: FP8Config, t: TrainConfig, p: ParallelConfig) -> None:
 def _validate_checkpoint(c: CheckpointConfig) -> None:
     _require(c.interval >= 0, f"checkpoint.interval must be >= 0, got {c.interval}")
     _require(c.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {c.keep_last}")
+    _require(c.dir is None or not os.path.exists(c.dir) or os.path.isdir(c.dir),
+             f"checkpoint.dir={c.dir!r} is an existing file, not a directory; choose a directory path")
     _require(c.resume in ("auto", "none") or os.path.exists(c.resume),
              f"checkpoint.resume must be auto, none or an existing checkpoint path, got {c.resume!r}")
+    _require(not c.weights_only or c.resume not in ("auto", "none"),
+             "checkpoint.weights_only=true loads the weights of the checkpoint named by checkpoint.resume; "
+             "set checkpoint.resume=PATH")
 
 
 def _validate_problems(section: str, tiers: list, eval_problems: int, init: str | None) -> None:

@@ -10,11 +10,14 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megads.checkpoint import CheckpointError
 from megads.config import ConfigError, load_config
-from megads.data import prepare_data
+from megads.data import check_data_fits, prepare_data
 from megads.parallel.data import deepspeed_config
 from megads.parallel.mesh import Mesh, build_mesh
+from megads.train.launcher_watch import exit_with_launcher
 from megads.train.preemption import PreemptionSignals
+from megads.train.run_dir import claim_run_dir
 from megads.train.trainer import NonFiniteError, Trainer
 
 log = logging.getLogger("megads")
@@ -45,19 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         logging.getLogger("megads").setLevel(logging.WARNING)
     try:
-        cfg = load_config(argv[0], argv[1:]).validate(world_size=world_size)
+        cfg = load_config(argv[0], argv[1:]).validate(world_size=world_size).check_machine()
         if cfg.parallel.deepspeed_config:
             p = cfg.parallel
             deepspeed_config(cfg, Mesh(world_size, tp=p.tp, pp=p.pp, dp=world_size // (p.tp * p.pp)))
         data = prepare_data(cfg.data, cfg.model.vocab_size)
+        check_data_fits(data, cfg.data, cfg.train.seq_len, cfg.train.global_batch)
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        if rank == 0:
-            print(f"megads: error: {err}", file=sys.stderr)
-        return 2
-    init_distributed(world_size)
+        return refuse(err, rank)
     try:
-        with PreemptionSignals() as preemption:
-            result = Trainer(cfg, data, build_mesh(cfg.parallel)).fit(preemption)
+        with claim_run_dir(cfg, rank):
+            init_distributed(world_size)
+            with PreemptionSignals() as preemption:
+                result = Trainer(cfg, data, build_mesh(cfg.parallel)).fit(preemption)
+    except (ConfigError, CheckpointError) as err:
+        return refuse(err, rank)
     except NonFiniteError as err:
         print(f"megads: error: {err}", file=sys.stderr)
         return 3
@@ -72,8 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def refuse(err: Exception, rank: int) -> int:
+    """Bad input (a setting, a file, a checkpoint): one line from rank 0, exit status 2. Every rank
+    meets the same error (settings and checkpoint checks are agreed), so the others stay silent."""
+    if rank == 0:
+        print(f"megads: error: {err}", file=sys.stderr)
+    return 2
+
+
 def init_distributed(world_size: int) -> None:
     """Join the torchrun job: NCCL with one GPU per rank, gloo on CPU."""
+    exit_with_launcher()
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         return
     if torch.cuda.is_available():

@@ -22,6 +22,7 @@ import torch
 
 from distributed import run_ranks
 from megads.checkpoint import CheckpointError, CheckpointReader, latest_checkpoint, load_model_weights, save_checkpoint
+from megads.checkpoint.format import index_digest
 from megads.checkpoint.optimizer import adam_step, moments
 from megads.config import load_config
 from megads.data import prepare_data
@@ -238,9 +239,12 @@ def test_missing_piece_names_the_tensor(tmp_path):
     with open(index_path) as f:
         index = json.load(f)
     index["tensors"]["model.layers.1.mlp.experts.up_proj"]["pieces"] = []
+    index["index_sha256"] = index_digest(index)          # as a faulty writer would have signed it
     with open(index_path, "w") as f:
         json.dump(index, f)
-    with pytest.raises(CheckpointError, match=r"covers 0 of the \d+ elements of tensor model\.layers\.1\.mlp\.experts\.up_proj"):
+    with pytest.raises(CheckpointError, match=r"pieces of tensor model\.layers\.1\.mlp\.experts\.up_proj in index\.json "
+                                              r"do not tile its shape \[\d+, \d+, \d+\]: no piece covers offset "
+                                              r"\[0, 0, 0\]"):
         load_model_weights(path, tiny_model()[0])
 
 

@@ -91,3 +91,47 @@ def test_generation_layouts_refuse_what_sft_and_grpo_cannot_run():
         cfg = load_config("configs/tiny.yaml", ["parallel.tp=1", *overrides]).validate(2)
         with pytest.raises(ConfigError, match=words):
             cfg.validate_generation_layout(2, 8)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.decay_steps=0", ["train.decay_steps must be positive"]),
+    ("train.seed=-1", ["train.seed", "-1"]),
+    ("train.lr_after=[[0, abc]]", ["train.lr_after", "'abc'"]),
+    ("train.eps=-1", ["train.eps must be positive"]),
+    ("train.beta1=1.5", ["train.beta1 must be in [0, 1)"]),
+    ("train.beta2=-0.1", ["train.beta2 must be in [0, 1)"]),
+    ("train.lr=-1", ["train.lr must be a positive learning rate"]),
+    ("train.lr=.nan", ["'train.lr' must be a finite number"]),
+    ("train.lr=.inf", ["'train.lr' must be a finite number"]),
+    ("train.mtp_loss_weight=[[0, .inf]]", ["train.mtp_loss_weight"]),
+    ("grpo.temperature=.inf", ["'grpo.temperature' must be a finite number"]),
+])
+def test_values_that_used_to_crash_late_are_refused(override, words):
+    """Each of these passed validation and failed with a traceback after process groups existed."""
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", ["parallel.tp=1", override]).validate(world_size=1)
+    assert "\n" not in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_paths_that_used_to_crash_late_are_refused(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a directory")
+    with pytest.raises(ConfigError, match=rf"train.run_dir='{a_file}' is an existing file"):
+        load_config("configs/tiny.yaml", ["parallel.tp=1", f"train.run_dir={a_file}"]).validate(world_size=1)
+    broken = tmp_path / "ds.json"
+    broken.write_text('{"zero_optimization": ')
+    with pytest.raises(ConfigError, match=rf"parallel.deepspeed_config: {broken} is not valid JSON"):
+        load_config("configs/tiny.yaml", ["parallel.tp=1", f"parallel.deepspeed_config={broken}"]).validate(world_size=1)
+
+
+def test_settings_this_machine_cannot_run(monkeypatch):
+    """Checked by the entry points before any work; `validate` itself stays machine-independent."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    cfg = load_config("configs/tiny.yaml", ["parallel.tp=1", "fp8.enabled=true", "fp8.backend=torch"]).validate(1)
+    with pytest.raises(ConfigError, match="fp8.backend=torch runs on a Hopper GPU, but PyTorch sees no GPU here"):
+        cfg.check_machine()
+    cfg = load_config("configs/tiny.yaml", ["parallel.tp=1", "train.device=cuda"]).validate(1)
+    with pytest.raises(ConfigError, match="train.device=cuda but PyTorch sees no GPU here"):
+        cfg.check_machine()

@@ -171,12 +171,15 @@ def test_indexed_round_trip(tmp_path, vocab_size, dtype):
         ds[50]
     with pytest.raises(IndexError):
         ds.tokens(len(flat) - 1, 2)
-    assert sorted(os.listdir(tmp_path)) == ["ds.bin", "ds.idx"]  # no tmp leftovers
+    assert sorted(os.listdir(tmp_path)) == ["ds.bin", "ds.idx", "ds.meta.json"]  # no tmp leftovers
+    assert ds.meta == {"tokenizer_sha256": None, "tokenizer": None, "vocab_size": vocab_size,
+                       "max_token_id": max(flat), "documents": 50, "tokens": len(flat)}
 
 
 def test_indexed_errors(tmp_path):
-    with pytest.raises(ValueError, match="out of range"):
-        IndexedDatasetWriter(str(tmp_path / "x"), 100).add_document([100])
+    with IndexedDatasetWriter(str(tmp_path / "x"), 100) as writer, pytest.raises(ValueError, match="out of range"):
+        writer.add_document([100])
+    assert os.listdir(tmp_path) == []  # left without finalize: its .tmp file is gone
     _write(tmp_path / "ds", [[1, 2, 3], [4, 5]], 100)
     bin_path, idx_path = tmp_path / "ds.bin", tmp_path / "ds.idx"
 
@@ -322,7 +325,9 @@ def test_prepare_synthetic_builds_once(tmp_path):
     build = tmp_path / "synthetic-s11-n600-v60-V512"
     assert build.is_dir() and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
     before = _mtimes(build)
-    assert {"corpus.txt", "tokenizer.model", "train.bin", "train.idx", "valid.bin", "valid.idx"} <= set(before)
+    assert {"corpus.txt", "tokenizer.model", "train.bin", "train.idx", "train.meta.json", "valid.bin", "valid.idx",
+            "valid.meta.json"} <= set(before)
+    assert data.train.meta["tokenizer_sha256"] == data.tokenizer.identity
 
     assert len(data.train) == 600 and len(data.valid) == 60
     assert data.tokenizer.vocab_size <= 512
@@ -400,6 +405,7 @@ def test_tools_end_to_end(tmp_path):
     assert "processed 400 documents" in out and "400 documents" in out.splitlines()[-1]
     ds = IndexedDataset(str(tmp_path / "txt"))
     assert [tok.decode(ds[i]) for i in range(len(ds))] == docs
+    assert (ds.meta["tokenizer_sha256"], ds.meta["tokenizer"]) == (tok.identity, "tok.model")
 
     _run_tool("preprocess_data.py", "--input", jsonl, "--json-key", "content", "--tokenizer", tmp_path / "tok.model",
               "--output-prefix", tmp_path / "js", "--append-eos")

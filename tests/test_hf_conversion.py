@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from megads.checkpoint import CheckpointError, CheckpointReader, load_model_weights, save_checkpoint
 from megads.checkpoint.convert import from_hf, reshard, to_hf
-from megads.checkpoint.hf import dequantise_weight, quantise_weight
+from megads.checkpoint.hf import config_from_metadata, dequantise_weight, hf_config, model_config, quantise_weight
 from megads.config import ModelConfig
 from megads.model.deepseek_v3 import DeepSeekV3
 from megads.parallel.mesh import Mesh
@@ -206,7 +206,6 @@ RELEASED = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_
 
 
 def test_released_config_maps_both_ways():
-    from megads.checkpoint.hf import hf_config, model_config
     cfg = model_config(RELEASED)
     assert (cfg.num_layers, cfg.first_k_dense, cfg.q_lora_rank, cfg.mtp_depth, cfg.rope_factor, cfg.mscale_all_dim,
             cfg.original_max_position_embeddings, cfg.n_group, cfg.topk_group) == (61, 3, 1536, 1, 40.0, 1.0, 4096, 8, 4)
@@ -219,3 +218,100 @@ def test_released_config_maps_both_ways():
     assert written["quantization_config"]["weight_block_size"] == [128, 128]
     with pytest.raises(ValueError, match="rope scaling 'linear' is not supported"):
         model_config({**RELEASED, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    with pytest.raises(ValueError, match="rope_scaling.truncate=false is not supported"):
+        model_config({**RELEASED, "rope_scaling": {**RELEASED["rope_scaling"], "truncate": False}})
+
+
+# ----------------------------------------------------------------------------- models saved by transformers
+
+TINY_HF = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_group=4, topk_group=2,
+               num_experts_per_tok=2, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+               v_head_dim=32, first_k_dense_replace=1, max_position_embeddings=128, initializer_range=0.2)
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
+SEQ = 96                   # beyond original_max_position_embeddings: YaRN's frequencies and factors matter
+
+
+def saved_by_transformers(path, rope_parameters: dict):
+    """A tiny DeepseekV3ForCausalLM as `transformers` builds and saves it: config.json says
+    num_nextn_predict_layers=1 (the class default) but no MTP tensor is written."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**TINY_HF, rope_parameters=dict(rope_parameters))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+        for layer in model.model.layers[TINY_HF["first_k_dense_replace"]:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.05)
+    model.save_pretrained(str(path))
+    return model
+
+
+def imported_logits(hf_dir, out, tokens: torch.Tensor) -> torch.Tensor:
+    """from-hf, then megads' fp32 logits [b, s, V] of the imported checkpoint."""
+    from_hf(str(hf_dir), str(out), dequant_dtype=torch.float32)
+    model = DeepSeekV3(config_from_metadata(CheckpointReader(str(out)).metadata))
+    load_model_weights(str(out), model)
+    model.eval()
+    with torch.no_grad():
+        return model.logits(model.hidden_states(tokens))
+
+
+def relative_gap(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+def test_model_saved_by_transformers_imports_without_mtp(tmp_path, caplog):
+    hf = saved_by_transformers(tmp_path / "hf", YARN)
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f)["num_nextn_predict_layers"] == 1
+    tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with caplog.at_level("WARNING", logger="megads"):
+        ours = imported_logits(tmp_path / "hf", tmp_path / "back", tokens)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "num_nextn_predict_layers=1" in warnings[0] and "dropped" in warnings[0], warnings
+    assert CheckpointReader(str(tmp_path / "back")).metadata["model_config"]["mtp_depth"] == 0
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    assert relative_gap(ours, theirs) <= 1e-5
+
+
+def test_partial_mtp_tensors_stay_an_error(exported, tmp_path):
+    root, model, ckpt = exported
+    to_hf(ckpt, str(tmp_path / "hf"), dtype=torch.float32)
+    index_path = tmp_path / "hf" / "model.safetensors.index.json"
+    with open(index_path) as f:
+        index = json.load(f)
+    del index["weight_map"]["model.layers.3.enorm.weight"]
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    with pytest.raises(CheckpointError, match=r"no tensor model\.layers\.3\.enorm\.weight \(megads mtp\.0\.enorm"):
+        from_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+
+
+@pytest.mark.parametrize("rope", [
+    {},                                                          # no mscale: transformers scales cos/sin by mscale(4)
+    {"mscale": 1.0, "mscale_all_dim": 1.0},                      # the release's
+    {"mscale_all_dim": 1.0},                                     # softmax scaled, cos/sin by mscale(4)
+    {"mscale": 0.707},                                           # mscale alone is ignored
+    {"mscale": 0.707, "mscale_all_dim": 0.5},                    # cos/sin by their ratio
+    {"mscale": 1.0, "mscale_all_dim": 1.0, "attention_factor": 1.3},
+], ids=["no-mscale", "release", "mscale_all_dim-only", "mscale-only", "ratio", "attention_factor"])
+def test_yarn_attention_factors_match_transformers_both_ways(tmp_path, rope):
+    """Logits of a transformers model equal megads' after from-hf, and transformers' after to-hf of
+    that import, for every way rope_scaling can give (or leave out) YaRN's attention factors."""
+    from transformers import DeepseekV3ForCausalLM
+    hf = saved_by_transformers(tmp_path / "hf", {**YARN, **rope})
+    tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    ours = imported_logits(tmp_path / "hf", tmp_path / "back", tokens)
+    assert relative_gap(ours, theirs) <= 1e-4, f"from-hf: logits differ by {relative_gap(ours, theirs):.2e}"
+    to_hf(str(tmp_path / "back"), str(tmp_path / "again"), dtype=torch.float32)
+    with open(tmp_path / "again" / "config.json") as f:                   # what to-hf writes reads back the same
+        assert model_config(json.load(f)) == config_from_metadata(CheckpointReader(str(tmp_path / "back")).metadata)
+    again = DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "again"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        gap = relative_gap(again(tokens).logits, theirs)
+    assert gap <= 1e-4, f"to-hf: logits differ by {gap:.2e}"

@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--tp and --ep must be >= 1, got {args.tp} and {args.ep}")
             summary = reshard(args.checkpoint, args.output, args.tp, args.ep, int(args.max_file_gb * 2**30), progress)
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"convert_checkpoint {args.command}: {err}", file=sys.stderr)
-        return 1
+        print(f"convert_checkpoint {args.command}: error: {err}", file=sys.stderr)
+        return 2
     summary["seconds"] = round(time.perf_counter() - started, 1)
     print(f"{args.command}: wrote " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return 0

@@ -1,7 +1,12 @@
-"""Tokenize a corpus into a megads indexed dataset (PREFIX.bin + PREFIX.idx).
+"""Tokenize a corpus into a megads indexed dataset (PREFIX.bin + PREFIX.idx + PREFIX.meta.json).
 
 Input: .jsonl (one JSON object per line, text under --json-key) or plain text (one document per
-blank-line separated paragraph; newlines inside a paragraph are kept).
+blank-line separated paragraph; newlines inside a paragraph are kept). Both are read as UTF-8.
+PREFIX.meta.json records the tokenizer (sha256 of its file) so training refuses another one.
+
+Bad input (a missing file, malformed JSON, non-UTF-8 bytes, a record without a text string, no
+documents at all) stops the tool with one line naming the file and line, exit status 2, and no
+output files.
 
     python tools/preprocess_data.py --input corpus.txt --tokenizer tok.model --output-prefix data/train
 """
@@ -23,26 +28,97 @@ from megads.data.tokenizer import Tokenizer  # noqa: E402
 _CHUNK = 1024  # documents encoded per sentencepiece batch call
 
 
+class InputError(Exception):
+    """Bad input: reported as one line naming the file (and line), exit status 2."""
+
+
+def iter_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, decoded one line at a time so that bad UTF-8 names its line;
+    CRLF reads as LF, as in text mode."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                 f"of the line); convert the file to UTF-8") from None
+            yield lineno, (line[:-2] + "\n" if line.endswith("\r\n") else line)
+
+
+def _text(record: object, key: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object, got {json.dumps(record)[:40]}; fix or remove the line")
+    if key not in record:
+        raise InputError(f"{where}: no field {key!r}; choose another with --json-key or fix the line")
+    if not isinstance(record[key], str):
+        raise InputError(f"{where}: field {key!r} is {json.dumps(record[key])[:40]}, not a string; "
+                         f"fix or remove the line")
+    return record[key]
+
+
 def iter_jsonl(path: str, key: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if key not in record:
-                raise KeyError(f"{path}:{lineno}: no field {key!r} (choose another with --json-key)")
-            yield record[key]
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                             f"fix or remove the line") from None
+        yield _text(record, key, f"{path}:{lineno}")
 
 
 def iter_paragraphs(path: str) -> Iterator[str]:
     lines: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in itertools.chain(f, [""]):  # "" flushes the last paragraph
-            if line.strip():
-                lines.append(line)
-            elif lines:
-                yield "".join(lines).removesuffix("\n")
-                lines = []
+    for _, line in itertools.chain(iter_lines(path), [(0, "")]):  # "" flushes the last paragraph
+        if line.strip():
+            lines.append(line)
+        elif lines:
+            yield "".join(lines).removesuffix("\n")
+            lines = []
+
+
+def open_tokenizer(path: str) -> Tokenizer:
+    try:
+        return Tokenizer(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file; check --tokenizer") from None
+    except ValueError as e:  # not a sentencepiece model, or one without eos
+        raise InputError(f"{' '.join(str(e).split())}; check --tokenizer") from None
+
+
+def write_dataset(docs: Iterator[str], tok: Tokenizer, args: argparse.Namespace, start: float) -> tuple[int, int]:
+    """Encode and write every document; returns (documents, tokens). Nothing is left on disk if the
+    input turns out bad midway."""
+    n_docs = n_tokens = 0
+    with IndexedDatasetWriter(args.output_prefix, tok.vocab_size, tokenizer_sha256=tok.identity,
+                              tokenizer_name=os.path.basename(args.tokenizer)) as writer:
+        while chunk := list(itertools.islice(docs, _CHUNK)):
+            for ids in tok.encode_batch(chunk):
+                if args.append_eos:
+                    ids.append(tok.eos_id)
+                writer.add_document(ids)
+                n_docs += 1
+                n_tokens += len(ids)
+                if n_docs % args.log_interval == 0:
+                    print(f"processed {n_docs} documents, {n_tokens} tokens ({time.time() - start:.1f}s)", flush=True)
+        if n_docs == 0:
+            raise InputError(f"{args.input}: no documents (the file is empty or holds only blank lines); "
+                             f"give a file with at least one document")
+        writer.finalize()
+    return n_docs, n_tokens
+
+
+def preprocess(args: argparse.Namespace) -> None:
+    if not os.path.isfile(args.input):
+        raise InputError(f"{args.input}: no such file; check --input")
+    tok = open_tokenizer(args.tokenizer)
+    is_jsonl = args.input.endswith((".jsonl", ".json"))
+    docs = iter_jsonl(args.input, args.json_key) if is_jsonl else iter_paragraphs(args.input)
+    start = time.time()
+    n_docs, n_tokens = write_dataset(docs, tok, args, start)
+    print(f"wrote {args.output_prefix}.bin/.idx/.meta.json: {n_docs} documents, {n_tokens} tokens, "
+          f"{n_tokens / n_docs:.1f} tokens/doc ({time.time() - start:.1f}s)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,28 +131,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="store eos after each document (megads' PackedSequences already adds one)")
     parser.add_argument("--log-interval", type=int, default=10000, help="print progress every N documents")
     args = parser.parse_args(argv)
-
-    tok = Tokenizer(args.tokenizer)
-    if not os.path.isfile(args.input):
-        raise FileNotFoundError(f"input not found: {args.input}")
-    is_jsonl = args.input.endswith((".jsonl", ".json"))
-    docs = iter_jsonl(args.input, args.json_key) if is_jsonl else iter_paragraphs(args.input)
-
-    start = time.time()
-    writer = IndexedDatasetWriter(args.output_prefix, tok.vocab_size)
-    n_docs = n_tokens = 0
-    while chunk := list(itertools.islice(docs, _CHUNK)):
-        for ids in tok.encode_batch(chunk):
-            if args.append_eos:
-                ids.append(tok.eos_id)
-            writer.add_document(ids)
-            n_docs += 1
-            n_tokens += len(ids)
-            if n_docs % args.log_interval == 0:
-                print(f"processed {n_docs} documents, {n_tokens} tokens ({time.time() - start:.1f}s)", flush=True)
-    writer.finalize()
-    print(f"wrote {args.output_prefix}.bin/.idx: {n_docs} documents, {n_tokens} tokens, "
-          f"{n_tokens / max(n_docs, 1):.1f} tokens/doc ({time.time() - start:.1f}s)")
+    if args.log_interval < 1:
+        parser.error(f"--log-interval must be >= 1, got {args.log_interval}")
+    try:
+        preprocess(args)
+    except InputError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except OSError as e:  # e.g. an output directory that cannot be created
+        where = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+        parser.exit(2, f"{parser.prog}: error: {where}\n")
 
 
 if __name__ == "__main__":

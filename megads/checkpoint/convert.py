@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from collections import defaultdict
@@ -17,7 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from megads.checkpoint.format import CheckpointError, CheckpointReader, Piece, PieceWriter, merge_indexes, write_index
+from megads.checkpoint.format import TRAINER_STATE, CheckpointError, CheckpointReader, Piece, PieceWriter, \
+    merge_indexes, write_bytes, write_index
 from megads.checkpoint.hf import (HFTensor, config_from_metadata, dequantise_weight, hf_config, hf_tensors,
                                   megads_name, model_config, quantise_weight, quantised, scale_name, shared_copy_source)
 from megads.checkpoint.layout import MODEL, expected_tensors, global_name
@@ -29,6 +31,7 @@ from megads.parallel.expert import parallelize_experts
 from megads.parallel.mesh import Mesh
 from megads.parallel.tensor import parallelize_tensor
 
+log = logging.getLogger("megads")
 Progress = Callable[[Iterable, int, str], Iterable]
 HF_INDEX = "model.safetensors.index.json"
 
@@ -46,12 +49,23 @@ def _begin(out: str) -> str:
     return tmp
 
 
+def _open_verified(checkpoint: str, trainer_state: bool) -> CheckpointReader:
+    """The checkpoint, with every file the conversion reads checked against its sha256 first: a
+    conversion must not carry damage into new files with fresh checksums."""
+    reader = CheckpointReader(resolve(checkpoint))
+    if not reader.has_checksums:
+        log.warning(f"checkpoint {reader.path} is of format version 1, which carries no checksums: its files are "
+                    f"checked for size only")
+    reader.verify(reader.data_files() + ([TRAINER_STATE] if trainer_state and reader.has_trainer_state else []))
+    return reader
+
+
 # ----------------------------------------------------------------------------- megads -> HF
 
 def to_hf(checkpoint: str, out: str, dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
           max_shard_bytes: int = 5 << 30, progress: Progress = no_progress) -> dict:
     """Write safetensors shards, their index and config.json for DeepseekV3ForCausalLM."""
-    reader = CheckpointReader(resolve(checkpoint))
+    reader = _open_verified(checkpoint, trainer_state=False)
     if "model_config" not in reader.metadata:
         raise CheckpointError(f"checkpoint {reader.path} records no model_config; it was not written by megads' trainer "
                               f"or converter")
@@ -153,9 +167,9 @@ class HFReader:
 def from_hf(hf_dir: str, out: str, dequant_dtype: torch.dtype = torch.bfloat16, max_file_bytes: int = 5 << 30,
             progress: Progress = no_progress) -> dict:
     """A megads checkpoint (weights only, step 0) from a HuggingFace DeepseekV3 directory."""
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        cfg = model_config(json.load(f))
     hf = HFReader(hf_dir)
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = model_config(json.load(f), hf.weight_map)
     sources: dict[str, list[tuple[int | None, str]]] = defaultdict(list)
     copies = []
     for name in hf.weight_map:
@@ -199,7 +213,7 @@ def from_hf(hf_dir: str, out: str, dequant_dtype: torch.dtype = torch.bfloat16, 
                                                     "model_config": dataclasses.asdict(cfg)})
     os.replace(tmp, out)
     return {"output": out, "tensors": len(writer.tensors), "files": len(writer.files),
-            "bytes": sum(writer.files.values()), "mtp_layers": cfg.mtp_depth, "shared_copies_checked": len(copies)}
+            "bytes": writer.total_bytes, "mtp_layers": cfg.mtp_depth, "shared_copies_checked": len(copies)}
 
 
 # ----------------------------------------------------------------------------- re-cutting pieces
@@ -221,7 +235,7 @@ def reshard(checkpoint: str, out: str, tp: int, ep: int, max_file_bytes: int = 5
     """Copy a checkpoint with its pieces cut as a tp x ep layout holds them, one file group per
     (TP rank, EP rank), so that the ranks of such a run each read their own files. Any
     checkpoint already loads under any layout; this only makes loading local."""
-    reader = CheckpointReader(resolve(checkpoint))
+    reader = _open_verified(checkpoint, trainer_state=True)
     cfg = config_from_metadata(reader.metadata)
     splits = split_dims(cfg, tp, ep)
     writers: dict[tuple[int, int], PieceWriter] = {}
@@ -249,9 +263,11 @@ def reshard(checkpoint: str, out: str, tp: int, ep: int, max_file_bytes: int = 5
     for writer in writers.values():
         writer.flush()
     files, tensors = merge_indexes([(w.files, w.tensors) for w in writers.values()])
-    write_index(tmp, files, tensors, {**reader.metadata, "cut_for": {"tp": tp, "ep": ep}})
-    trainer_state = os.path.join(reader.path, "trainer.pt")
-    if os.path.exists(trainer_state):
-        shutil.copy2(trainer_state, os.path.join(tmp, "trainer.pt"))
+    if reader.has_trainer_state:
+        with open(os.path.join(reader.path, TRAINER_STATE), "rb") as f:
+            files[TRAINER_STATE] = write_bytes(os.path.join(tmp, TRAINER_STATE), f.read())
+    write_index(tmp, files, tensors, {**reader.metadata, "trainer_state": reader.has_trainer_state,
+                                      "cut_for": {"tp": tp, "ep": ep}})
     os.replace(tmp, out)
-    return {"output": out, "tensors": len(tensors), "files": len(files), "bytes": sum(files.values())}
+    return {"output": out, "tensors": len(tensors), "files": len(files),
+            "bytes": sum(entry["bytes"] for entry in files.values())}

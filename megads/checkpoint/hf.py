@@ -21,14 +21,19 @@ FP8 (the released layout): every attention, MLP and expert projection is float8_
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from megads.config import ModelConfig
 from megads.fp8.quant import QTensor, crop, dequantize, pad_last2, quantize_blocks, round_up
+from megads.model.rope import attention_factor, yarn_mscale
+
+log = logging.getLogger("megads")
 
 EXPERTS = re.compile(r"^(?P<prefix>(.*\.)?mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 HF_EXPERT = re.compile(r"^(?P<prefix>(.*\.)?mlp\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
@@ -157,10 +162,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, fp8: bool = False) -> dict:
         "max_position_embeddings": cfg.max_position_embeddings, "num_nextn_predict_layers": cfg.mtp_depth,
         "tie_word_embeddings": False, "attention_bias": False, "initializer_range": cfg.init_std,
         "torch_dtype": str(dtype).removeprefix("torch."),
-        "rope_scaling": None if cfg.rope_factor == 1 else {
-            "type": "yarn", "rope_type": "yarn", "factor": cfg.rope_factor, "mscale": cfg.mscale,
-            "mscale_all_dim": cfg.mscale_all_dim, "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow,
-            "original_max_position_embeddings": cfg.original_max_position_embeddings},
+        "rope_scaling": rope_scaling(cfg),
     }
     if fp8:
         config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
@@ -168,8 +170,52 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, fp8: bool = False) -> dict:
     return config
 
 
-def model_config(hf: dict) -> ModelConfig:
-    """megads' ModelConfig of a DeepseekV3 config.json (the released one or one megads wrote)."""
+def rope_scaling(cfg: ModelConfig) -> dict | None:
+    """config.json's rope_scaling: every YaRN key, plus attention_factor where transformers would
+    otherwise derive another cos/sin factor from mscale / mscale_all_dim than megads applies."""
+    if cfg.rope_factor == 1 and cfg.rope_attention_factor == 1:
+        return None
+    rope = {"type": "yarn", "rope_type": "yarn", "factor": cfg.rope_factor, "mscale": cfg.mscale,
+            "mscale_all_dim": cfg.mscale_all_dim, "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow,
+            "original_max_position_embeddings": cfg.original_max_position_embeddings}
+    if hf_attention_factor(rope, cfg.rope_factor) != attention_factor(cfg):
+        rope["attention_factor"] = attention_factor(cfg)
+    return rope
+
+
+def hf_attention_factor(rope: dict, factor: float) -> float:
+    """The factor transformers (5.x) puts on cos/sin for YaRN: attention_factor if given, else
+    mscale(mscale) / mscale(mscale_all_dim) if both are given and non-zero, else mscale(factor)
+    with mscale 1 — where DeepSeek's own code defaults mscale to 1 and mscale_all_dim to 0."""
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    if rope.get("mscale") and rope.get("mscale_all_dim"):
+        return yarn_mscale(factor, rope["mscale"]) / yarn_mscale(factor, rope["mscale_all_dim"])
+    return yarn_mscale(factor, 1.0)
+
+
+def yarn_settings(rope: dict, max_position_embeddings: int) -> dict:
+    """ModelConfig's YaRN fields for a yarn rope_scaling, read as transformers reads it so that the
+    imported model gives its logits: the softmax scale takes mscale(mscale_all_dim)^2 only when
+    mscale_all_dim is non-zero; cos/sin take hf_attention_factor, as DeepSeek's ratio when that is
+    how transformers computes it, else as rope_attention_factor with the ratio made 1."""
+    if rope.get("truncate", True) is not True:
+        raise ValueError("rope_scaling.truncate=false is not supported: megads rounds YaRN's correction range like "
+                         "DeepSeek-V3; remove the key")
+    original = rope.get("original_max_position_embeddings") or max_position_embeddings
+    factor = float(rope.get("factor") or max_position_embeddings / original)
+    mscale_all_dim = float(rope.get("mscale_all_dim") or 0.0)
+    settings = dict(rope_factor=factor, original_max_position_embeddings=original, mscale_all_dim=mscale_all_dim,
+                    beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1))
+    if rope.get("attention_factor") is None and rope.get("mscale") and mscale_all_dim:
+        return {**settings, "mscale": float(rope["mscale"])}
+    return {**settings, "mscale": mscale_all_dim, "rope_attention_factor": hf_attention_factor(rope, factor)}
+
+
+def model_config(hf: dict, tensor_names: Iterable[str] | None = None) -> ModelConfig:
+    """megads' ModelConfig of a DeepseekV3 config.json (the released one, one megads wrote or one
+    transformers wrote). With the names of the tensors in the files, MTP layers that config.json
+    announces but the files lack are dropped (see without_absent_mtp)."""
     if hf.get("model_type") != "deepseek_v3":
         raise ValueError(f"config.json has model_type {hf.get('model_type')!r}; only deepseek_v3 converts")
     heads = hf["num_attention_heads"]
@@ -182,9 +228,8 @@ def model_config(hf: dict) -> ModelConfig:
         raise ValueError(f"rope scaling {kind!r} is not supported (megads implements YaRN)")
     if hf.get("rope_interleave", True) is not True:
         raise ValueError("rope_interleave=false is not supported: megads rotates interleaved pairs like the release")
-    yarn = kind == "yarn"
     defaults = ModelConfig()
-    return ModelConfig(
+    cfg = ModelConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
         first_k_dense=hf.get("first_k_dense_replace", 0), intermediate_size=hf["intermediate_size"],
         moe_intermediate_size=hf["moe_intermediate_size"], num_heads=heads, q_lora_rank=hf.get("q_lora_rank") or 0,
@@ -195,14 +240,28 @@ def model_config(hf: dict) -> ModelConfig:
         routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)), norm_topk_prob=hf.get("norm_topk_prob", True),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        rope_factor=float(rope["factor"]) if yarn else 1.0,
-        original_max_position_embeddings=rope.get("original_max_position_embeddings",
-                                                  defaults.original_max_position_embeddings),
-        beta_fast=float(rope.get("beta_fast", defaults.beta_fast)), beta_slow=float(rope.get("beta_slow", defaults.beta_slow)),
-        mscale=float(rope.get("mscale", defaults.mscale)),
-        mscale_all_dim=float(rope.get("mscale_all_dim", 0.0 if yarn else defaults.mscale_all_dim)),
+        **(yarn_settings(rope, hf["max_position_embeddings"]) if kind == "yarn" else {}),
         max_position_embeddings=hf["max_position_embeddings"], mtp_depth=hf.get("num_nextn_predict_layers", 0),
         init_std=float(hf.get("initializer_range", defaults.init_std)))
+    return cfg if tensor_names is None else without_absent_mtp(cfg, tensor_names)
+
+
+def without_absent_mtp(cfg: ModelConfig, tensor_names: Iterable[str]) -> ModelConfig:
+    """cfg with mtp_depth=0, and a warning, when the files hold no tensor of a layer >= num_layers:
+    transformers writes num_nextn_predict_layers=1 (its default) but never MTP weights, so a model
+    it saved would otherwise not import. Some MTP tensors but not all stay an error (from_hf)."""
+    if cfg.mtp_depth == 0 or any(_layer_index(name) >= cfg.num_layers for name in tensor_names):
+        return cfg
+    log.warning(f"config.json says num_nextn_predict_layers={cfg.mtp_depth} but the files hold no tensor of "
+                f"model.layers.{cfg.num_layers} or beyond: the MTP layers are absent (transformers does not save "
+                f"them) and were dropped; importing with mtp_depth=0")
+    return dataclasses.replace(cfg, mtp_depth=0)
+
+
+def _layer_index(hf_name: str) -> int:
+    """The decoder layer of a HuggingFace tensor name; -1 outside the layers."""
+    match = re.match(r"^model\.layers\.(\d+)\.", hf_name)
+    return int(match[1]) if match else -1
 
 
 def config_from_metadata(metadata: dict) -> ModelConfig:

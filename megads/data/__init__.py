@@ -1,7 +1,7 @@
 """Data pipeline: synthetic corpus, tokenizer, indexed datasets, packing/sharding loader."""
 from megads.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megads.data.loader import BatchLoader, PackedSequences
-from megads.data.prepare import PreparedData, prepare_data
+from megads.data.prepare import PreparedData, check_data_fits, prepare_data
 from megads.data.synthetic import Problem, extract_answer, format_ok, generate_documents, make_problem
 from megads.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -13,6 +13,7 @@ __all__ = [
     "PreparedData",
     "Problem",
     "Tokenizer",
+    "check_data_fits",
     "extract_answer",
     "format_ok",
     "generate_documents",

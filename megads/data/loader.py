@@ -7,6 +7,12 @@ import torch
 from megads.data.indexed import IndexedDataset
 
 
+def samples_per_epoch(dataset: IndexedDataset, seq_len: int) -> int:
+    """Samples of seq_len + 1 tokens that one epoch packs into (each document followed by eos, the
+    tail shorter than a sample dropped): the one count both packing and up-front checks use."""
+    return (dataset.num_tokens + len(dataset)) // (seq_len + 1)
+
+
 class PackedSequences:
     """Documents (each followed by eos) concatenated in a seeded shuffled document order per epoch
     and cut into samples of seq_len+1 tokens (input = s[:-1], target = s[1:]); the tail of an epoch
@@ -22,12 +28,11 @@ class PackedSequences:
         self.seed = seed
         self.eos_id = eos_id
         self._doc_lens = np.diff(dataset.offsets) + 1  # int64 [n_docs], eos included
-        tokens_per_epoch = int(self._doc_lens.sum())
-        self.samples_per_epoch: int = tokens_per_epoch // (seq_len + 1)
+        self.samples_per_epoch: int = samples_per_epoch(dataset, seq_len)
         if self.samples_per_epoch == 0:
             raise ValueError(
-                f"dataset {dataset.prefix} has {tokens_per_epoch} tokens (eos included), shorter than one "
-                f"sample of seq_len+1={seq_len + 1}; use a larger dataset or a smaller seq_len"
+                f"dataset {dataset.prefix} has {dataset.num_tokens + len(dataset)} tokens (eos included), "
+                f"shorter than one sample of seq_len+1={seq_len + 1}; use a larger dataset or a smaller seq_len"
             )
         self._epoch = -1
         self._order = self._starts = np.empty(0, np.int64)

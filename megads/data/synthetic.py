@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -126,24 +125,34 @@ def generate_documents(seed: int, n_docs: int, filler_fraction: float = 0.2) -> 
     return list(itertools.islice(iter_documents(seed, filler_fraction), n_docs))
 
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
-_FORMAT_RE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S)
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 def extract_answer(text: str) -> str | None:
-    """Stripped content of the first <answer>...</answer>; None if absent, unclosed or empty."""
-    m = _ANSWER_RE.search(text)
-    if m is None or not m.group(1).strip():
+    """Stripped content of the first <answer>...</answer>; None if absent, unclosed or empty.
+    Two str.find calls: linear in len(text) however many tags it repeats."""
+    start = text.find("<answer>")
+    end = text.find("</answer>", start + len("<answer>")) if start >= 0 else -1
+    if end < 0:
         return None
-    return m.group(1).strip()
+    return text[start + len("<answer>"):end].strip() or None
 
 
 def format_ok(text: str) -> bool:
-    """True iff text is exactly "<think>...</think><answer>...</answer>" (outer whitespace allowed),
-    no nested/extra tags and a non-empty answer."""
-    m = _FORMAT_RE.fullmatch(text)
-    if m is None:
+    """True iff text is exactly "<think>...</think><answer>...</answer>" (outer whitespace allowed,
+    and whitespace between the blocks), no nested/extra tags and a non-empty answer.
+
+    Linear-time: a valid text's think block ends at its first "</think>" and its answer block at
+    the text's end, so each block is found by one scan (no backtracking over repeated tags)."""
+    body = text.strip()
+    if not (body.startswith("<think>") and body.endswith("</answer>")):
         return False
-    think, answer = m.groups()
+    think_end = body.find("</think>", len("<think>"))
+    if think_end < 0:
+        return False
+    think = body[len("<think>"):think_end]
+    rest = body[think_end + len("</think>"):].lstrip()                 # "<answer>...</answer>"
+    if not rest.startswith("<answer>") or len(rest) < len("<answer></answer>"):
+        return False
+    answer = rest[len("<answer>"):-len("</answer>")]
     return bool(answer.strip()) and not any(t in think or t in answer for t in _TAGS)

@@ -1,6 +1,7 @@
 """SentencePiece tokenizer: training (BPE, digits split, byte fallback) and a thin encode/decode wrapper."""
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 
@@ -19,15 +20,24 @@ class Tokenizer:
         self.model_path = model_path
         self._sp = spm.SentencePieceProcessor()
         try:
-            self._sp.Load(model_path)
+            with open(model_path, "rb") as f:
+                proto = f.read()
+            self._sp.LoadFromSerializedProto(proto)
         except (OSError, RuntimeError) as e:
             raise ValueError(f"cannot load sentencepiece model {model_path}: {e}") from e
+        self._identity = hashlib.sha256(proto).hexdigest()
         self.vocab_size: int = self._sp.GetPieceSize()
         self.bos_id: int = self._sp.bos_id()
         self.eos_id: int = self._sp.eos_id()
         if self.eos_id < 0:
             raise ValueError(f"tokenizer {model_path} defines no eos token (needed to separate documents)")
         self.pad_id: int = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+
+    @property
+    def identity(self) -> str:
+        """sha256 of the model file's bytes (those loaded). Two tokenizers of the same size map text to
+        different ids, so a dataset records this to be refused with any other tokenizer."""
+        return self._identity
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         return self._sp.EncodeAsIds(text, add_bos=bos, add_eos=eos)

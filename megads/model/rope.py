@@ -12,7 +12,17 @@ from megads.config import ModelConfig
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:
+    """0.1 * mscale * ln(factor) + 1 (YaRN paper, eq. 21); 1 without scaling."""
     return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def attention_factor(cfg: ModelConfig) -> float:
+    """YaRN's factor on cos/sin (so on the rope part of q.k): DeepSeek's mscale(mscale) /
+    mscale(mscale_all_dim), times `rope_attention_factor`, which carries the factor transformers
+    applies where rope_scaling does not give that ratio (see checkpoint/hf.py). The ratio is taken
+    first so that equal mscales give exactly `rope_attention_factor`."""
+    ratio = yarn_mscale(cfg.rope_factor, cfg.mscale) / yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
+    return cfg.rope_attention_factor * ratio
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
@@ -45,7 +55,7 @@ def rope_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device | None = N
     """cos, sin of shape [seq_len, rope_dim/2] (fp32), with YaRN's attention factor folded in."""
     freqs = inverse_frequencies(cfg).to(device)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), freqs)
-    scale = yarn_mscale(cfg.rope_factor, cfg.mscale) / yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
+    scale = attention_factor(cfg)
     return angles.cos() * scale, angles.sin() * scale
 
 

@@ -13,8 +13,9 @@ from megads.checkpoint import CheckpointError
 from megads.config import ConfigError, load_config
 from megads.data import prepare_data
 from megads.parallel.mesh import build_mesh
-from megads.pretrain import init_distributed
+from megads.pretrain import init_distributed, refuse
 from megads.train.preemption import PreemptionSignals
+from megads.train.run_dir import claim_run_dir
 
 
 def summarize(metrics_path: str) -> str:
@@ -38,21 +39,22 @@ def main(argv: list[str] | None, trainer_cls, usage: str) -> int:
     if rank != 0:
         logging.getLogger("megads").setLevel(logging.WARNING)
     try:
-        cfg = load_config(argv[0], argv[1:]).validate(world_size=world_size)
+        cfg = load_config(argv[0], argv[1:]).validate(world_size=world_size).check_machine()
         settings = getattr(cfg, trainer_cls.section)
         cfg.validate_generation_layout(world_size, settings.eval_problems)
         if trainer_cls.section == "grpo":
             cfg.validate_generation_layout(world_size, cfg.grpo.prompts_per_step)
         data = prepare_data(cfg.data, cfg.model.vocab_size)
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        if rank == 0:
-            print(f"megads: error: {err}", file=sys.stderr)
-        return 2
-    init_distributed(world_size)
+        return refuse(err, rank)
     try:
-        with PreemptionSignals() as preemption:
-            result = trainer_cls(cfg, data.tokenizer, build_mesh(cfg.parallel)).fit(preemption)
-    except (ConfigError, CheckpointError) as err:
+        with claim_run_dir(cfg, rank):
+            init_distributed(world_size)
+            with PreemptionSignals() as preemption:
+                result = trainer_cls(cfg, data.tokenizer, build_mesh(cfg.parallel)).fit(preemption)
+    except CheckpointError as err:
+        return refuse(err, rank)
+    except ConfigError as err:          # e.g. a reward plug-in's bad value, met by the rank that computed it
         print(f"megads: error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -6,7 +6,6 @@ Anything that cannot be parsed scores 0.0, never the maximum.
 from __future__ import annotations
 
 import importlib
-import math
 import re
 from collections.abc import Callable, Sequence
 from decimal import Decimal
@@ -17,6 +16,11 @@ from megads.config import ConfigError
 from megads.data.synthetic import extract_answer, format_ok
 
 RewardFn = Callable[[str, str, str], float]
+
+
+class RewardError(ConfigError):
+    """A reward function returned something other than a finite float: a bug in the function named
+    by the setting, reported as one line like any bad setting."""
 
 _NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")   # plain ASCII decimal: no exponent, inf, nan
 
@@ -100,17 +104,17 @@ class RewardSet:
         self.fns = {s: BUILTIN_REWARDS.get(s) or load_reward_fn(s, setting) for s in specs}
         self.weights = dict(zip(specs, weights))
         self.overlong = overlong
+        self.setting = setting
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str], answers: Sequence[str],
                  response_lens: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns (total [n] fp32, {name: values [n] fp32}); `response_lens` (tokens) is needed
-        with `overlong`. A plug-in returning a non-finite value raises ValueError."""
+        with `overlong`. A reward function returning anything but a finite float32 number raises
+        RewardError."""
         per_fn = {}
         for name, fn in self.fns.items():
-            values = [float(fn(p, r, a)) for p, r, a in zip(prompts, responses, answers, strict=True)]
-            if not all(math.isfinite(v) for v in values):
-                raise ValueError(f"reward {name!r} returned a non-finite value")
-            per_fn[name] = torch.tensor(values, dtype=torch.float32)
+            raw = [fn(p, r, a) for p, r, a in zip(prompts, responses, answers, strict=True)]
+            per_fn[name] = self._checked(name, raw, prompts)
         total = sum(self.weights[name] * v for name, v in per_fn.items())
         if self.overlong is not None:
             if response_lens is None:
@@ -119,3 +123,36 @@ class RewardSet:
                                               dtype=torch.float32)
             total = total + per_fn["overlong"]
         return total, per_fn
+
+    def _checked(self, name: str, raw: list, prompts: Sequence[str]) -> torch.Tensor:
+        """raw values of reward `name` -> [n] fp32. Checked after the conversion, since a float such
+        as 1e300 is finite in Python but inf in float32, and one inf makes every advantage NaN."""
+        numbers = [_as_float(v) for v in raw]
+        if None in numbers:
+            raise self._error(name, raw, numbers.index(None), prompts)
+        values = torch.tensor(numbers, dtype=torch.float32)                     # [n]
+        nonfinite = (~values.isfinite()).nonzero()
+        if len(nonfinite):
+            raise self._error(name, raw, int(nonfinite[0]), prompts)
+        return values
+
+    def _error(self, name: str, raw: list, index: int, prompts: Sequence[str]) -> RewardError:
+        return RewardError(f"{self.setting} entry {name!r} returned {_short(raw[index])} for response {index} "
+                           f"(prompt {_short(prompts[index])}); a reward function must return a finite float "
+                           f"(|value| <= {torch.finfo(torch.float32).max:.4g}, the float32 range)")
+
+
+def _as_float(value: object) -> float | None:
+    """A reward's value as a Python float; None for what is not a number (None, strings, lists, ...)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError, RuntimeError):     # e.g. 10**400, a tensor of several values
+        return None
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """One-line repr of at most `limit` characters: messages quote prompts and arbitrary return values."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."

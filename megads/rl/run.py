@@ -10,7 +10,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megads.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megads.checkpoint import check_checkpoint_space, latest_checkpoint, load_checkpoint, save_checkpoint
 from megads.config import Config, lr_at
 from megads.data.tokenizer import Tokenizer
 from megads.parallel.data import build_step_optimizer
@@ -83,7 +83,8 @@ class PolicyRun:
         c = self.cfg.checkpoint
         path = None if c.resume == "none" else latest_checkpoint(self.cfg.checkpoint_dir) if c.resume == "auto" else c.resume
         if path is not None:
-            state = load_checkpoint(path, self.model, self.stepper, self.mesh)
+            state = load_checkpoint(path, self.model, self.stepper, self.mesh, verify=c.verify,
+                                    weights_only=c.weights_only)
             if state is not None:
                 self.step = state["step"]
                 torch.set_rng_state(state["rng"])
@@ -102,6 +103,7 @@ class PolicyRun:
         """Train to train.steps or the stage's target; with `preemption`, stop after the step in which
         a preemption signal arrived, save a checkpoint and return with "preempted": True."""
         cfg, t = self.cfg, self.cfg.train
+        check_checkpoint_space(cfg.checkpoint_dir, self.model, self.stepper, self.mesh, cfg.checkpoint.keep_last)
         resumed = self.maybe_resume()
         if resumed:
             log.info(f"{self.section}: resumed from {resumed} at step {self.step}")

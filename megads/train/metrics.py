@@ -3,6 +3,7 @@ and the throughput arithmetic behind tokens/s and MFU."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -12,6 +13,9 @@ import torch
 
 from megads.config import ModelConfig
 from megads.model.deepseek_v3 import count_parameters
+from megads.train.run_dir import parse_record
+
+log = logging.getLogger("megads")
 
 _KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0}   # dense bf16
 
@@ -73,13 +77,24 @@ class MetricsWriter:
         self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1)
 
     def _truncate_after(self, step: int) -> None:
-        """Drop lines of steps after the checkpoint we resume from (written by a run that died)."""
+        """Drop lines of steps after the checkpoint we resume from (written by a run that died), and a
+        torn last line (a crash or a full disk mid-write); rewrite the file atomically."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        with open(self.path, "rb") as f:
+            lines = [line for line in f.read().split(b"\n") if line.strip()]
+        records = [parse_record(line) for line in lines]
+        if records and records[-1] is None:
+            log.warning(f"{self.path}: dropping a torn last line ({len(lines[-1])} bytes, not a JSON record)")
+            lines, records = lines[:-1], records[:-1]
+        if any(record is None for record in records):
+            raise ValueError(f"{self.path} holds a damaged line before its last; repair or delete it")
+        kept = b"".join(line + b"\n" for line, record in zip(lines, records) if record.get("step", 0) <= step)
+        with open(self.path + ".tmp", "wb") as f:
+            f.write(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self.path + ".tmp", self.path)
 
     def write(self, record: dict, prefix: str = "train", histograms: dict | None = None) -> None:
         """Append `record` to metrics.jsonl; its numbers (and any `histograms`) go to TensorBoard."""

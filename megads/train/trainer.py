@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megads.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megads.checkpoint import check_checkpoint_space, latest_checkpoint, load_checkpoint, save_checkpoint
 from megads.config import Config, lr_at, schedule_value
 from megads.data import BatchLoader, PackedSequences, PreparedData
 from megads.fp8 import apply_fp8
@@ -122,6 +122,7 @@ class Trainer:
             outcome = None
         applied = outcome is not None and outcome.applied
         if applied:
+            self.check_weights_finite()
             gamma = schedule_value(t.bias_update_speed, self.step)
             for moe, load in zip(model.moe_layers(), loads):
                 moe.update_bias(load, gamma, t.bias_recenter)
@@ -148,6 +149,28 @@ class Trainer:
                 totals += torch.stack([out.loss.detach() + balance, out.lm_loss.detach(), out.mtp_loss.detach(),
                                        balance]).double() / n
         return totals
+
+    def check_weights_finite(self) -> None:
+        """Raise NonFiniteError when an applied update left a non-finite weight (finite gradients
+        times an enormous learning rate): no later step or checkpoint may start from such weights."""
+        params = [(name, p.detach()) for name, p in self.model.named_parameters() if p.requires_grad]
+        largest = torch._foreach_norm([p for _, p in params], float("inf"))     # max |w| per tensor, no copies
+        finite = torch.stack([m.float() for m in largest]).isfinite()           # [n_params]
+        bad = (~finite).any().to(torch.int32).reshape(1)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            first = next((name for (name, _), ok in zip(params, finite.tolist()) if not ok), "a weight of another rank")
+            raise NonFiniteError(f"the update of step {self.step + 1} made {first} non-finite (train.lr "
+                                 f"{lr_at(self.cfg.train, self.step):.3g}); {self.good_checkpoint_advice()}")
+
+    def good_checkpoint_advice(self) -> str:
+        """Where to go back to after a non-finite stop: checkpoints are written from finite states only."""
+        latest = latest_checkpoint(self.cfg.checkpoint_dir)
+        if latest is None:
+            return "no checkpoint was written; start again with a lower train.lr"
+        return (f"the last checkpoint, {latest}, was written from a finite state: rerun with checkpoint.resume={latest} "
+                f"and a lower train.lr (or the data moved past the bad batches)")
 
     def write_pipeline_trace(self, spans: list) -> None:
         """<run_dir>/pipeline_trace.json: per pipeline rank (of the first DP / TP replica) its
@@ -240,13 +263,25 @@ class Trainer:
         return save_checkpoint(self.cfg.checkpoint_dir, self.step, self.model, self.stepper, self.mesh, self.state_dict(),
                                self.cfg.checkpoint.keep_last, {"model_config": dataclasses.asdict(self.cfg.model)})
 
+    def save_if_healthy(self) -> bool:
+        """Save, unless the last step was skipped as non-finite: a streak of such steps must not
+        rotate the checkpoints from before it out of `checkpoint.keep_last`."""
+        if self.nonfinite_streak:
+            log.warning(f"step {self.step}: no checkpoint written, the step was non-finite "
+                        f"({self.nonfinite_streak} in a row); the last one stays {self.cfg.checkpoint_dir}/latest")
+            return False
+        self.save()
+        return True
+
     def maybe_resume(self) -> str | None:
         """Resume from `checkpoint.resume` (auto: the latest in the checkpoint directory), whatever
-        layout wrote it. A weights-only checkpoint (converted from HuggingFace) starts at step 0."""
+        layout wrote it. A weights-only checkpoint (converted from HuggingFace), or any checkpoint
+        with `checkpoint.weights_only`, starts at step 0 with a fresh optimizer."""
         c = self.cfg.checkpoint
         path = None if c.resume == "none" else latest_checkpoint(self.cfg.checkpoint_dir) if c.resume == "auto" else c.resume
         if path is not None:
-            state = load_checkpoint(path, self.model, self.stepper, self.mesh)
+            state = load_checkpoint(path, self.model, self.stepper, self.mesh, verify=c.verify,
+                                    weights_only=c.weights_only)
             if self.fp8_recipe is not None:
                 self.fp8_recipe.clear()            # weights are written through .data: no _version bump
             if state is not None:
@@ -259,6 +294,7 @@ class Trainer:
         """Train to train.steps; with `preemption`, stop after the step in which a preemption signal
         arrived, save a checkpoint and return with "preempted": True."""
         cfg, t = self.cfg, self.cfg.train
+        check_checkpoint_space(cfg.checkpoint_dir, self.model, self.stepper, self.mesh, cfg.checkpoint.keep_last)
         resumed = self.maybe_resume()
         if resumed:
             log.info(f"resumed from {resumed} at step {self.step}")
@@ -295,7 +331,8 @@ class Trainer:
                     metrics.write(record)
                     metrics.close()
                     raise NonFiniteError(f"stopping at step {self.step}: {self.nonfinite_streak} consecutive non-finite "
-                                         f"steps; the first non-finite tensor of this step is {result.bad_tensor}")
+                                         f"steps; the first non-finite tensor of this step is {result.bad_tensor}; "
+                                         f"{self.good_checkpoint_advice()}")
             else:
                 self.nonfinite_streak = 0
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
@@ -308,14 +345,13 @@ class Trainer:
                          f"grad {result.grad_norm:.3f} | {record['tokens_per_s'] / 1e3:.1f}k tok/s | "
                          f"mfu {100 * record['mfu']:.1f}% | mem {record['memory_gib']:.2f} GiB | "
                          f"eta {format_duration(rate * (t.steps - self.step))}")
-            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
-                self.save()
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.save_if_healthy():
                 saved_step = self.step
             if preemption is not None and preemption.stop_agreed(self.device):
                 log.info(f"stopping after step {self.step} on a preemption signal; saving a checkpoint to resume from")
                 break
         preempted = self.step < t.steps
         if (cfg.checkpoint.save_at_end or preempted) and self.step != saved_step:
-            self.save()
+            self.save_if_healthy()
         metrics.close()
         return {"steps": self.step, "run_dir": cfg.run_dir, "metrics": metrics.path, "preempted": preempted}
