@@ -137,15 +137,20 @@ def test_reshard_recuts_pieces(exported):
         assert torch.equal(reader.read("model." + name), value), name
 
 
-def test_broken_hf_checkpoint_names_the_tensor(exported, tmp_path):
-    root, model, ckpt = exported
-    to_hf(ckpt, str(tmp_path / "hf"), dtype=torch.float32)
-    index_path = tmp_path / "hf" / "model.safetensors.index.json"
+def export_without(ckpt: str, out, tensor: str) -> None:
+    """An HF export of `ckpt` into `out` whose index lacks `tensor`."""
+    to_hf(ckpt, str(out), dtype=torch.float32)
+    index_path = out / "model.safetensors.index.json"
     with open(index_path) as f:
         index = json.load(f)
-    del index["weight_map"]["model.layers.2.mlp.experts.5.gate_proj.weight"]
+    del index["weight_map"][tensor]
     with open(index_path, "w") as f:
         json.dump(index, f)
+
+
+def test_broken_hf_checkpoint_names_the_tensor(exported, tmp_path):
+    root, model, ckpt = exported
+    export_without(ckpt, tmp_path / "hf", "model.layers.2.mlp.experts.5.gate_proj.weight")
     with pytest.raises(CheckpointError, match=r"no tensor model\.layers\.2\.mlp\.experts\.5\.gate_proj\.weight"):
         from_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
     assert not os.path.exists(tmp_path / "back")
@@ -279,13 +284,7 @@ def test_model_saved_by_transformers_imports_without_mtp(tmp_path, caplog):
 
 def test_partial_mtp_tensors_stay_an_error(exported, tmp_path):
     root, model, ckpt = exported
-    to_hf(ckpt, str(tmp_path / "hf"), dtype=torch.float32)
-    index_path = tmp_path / "hf" / "model.safetensors.index.json"
-    with open(index_path) as f:
-        index = json.load(f)
-    del index["weight_map"]["model.layers.3.enorm.weight"]
-    with open(index_path, "w") as f:
-        json.dump(index, f)
+    export_without(ckpt, tmp_path / "hf", "model.layers.3.enorm.weight")
     with pytest.raises(CheckpointError, match=r"no tensor model\.layers\.3\.enorm\.weight \(megads mtp\.0\.enorm"):
         from_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
 

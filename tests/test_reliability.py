@@ -20,7 +20,8 @@ from megads.checkpoint import CheckpointReader, latest_checkpoint
 from megads.config import load_config
 from megads.data import prepare_data
 from megads.train.run_dir import LOCK_FILE, RunLock
-from megads.train.trainer import NonFiniteError, Trainer
+from megads.train.loop import NonFiniteError
+from megads.train.trainer import Trainer
 
 SMALL = ["parallel.tp=1", "model.hidden_size=64", "model.num_layers=2", "model.intermediate_size=128",
          "model.moe_intermediate_size=32", "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16",
@@ -115,6 +116,25 @@ def test_an_update_that_makes_weights_non_finite_stops_before_any_checkpoint(tmp
                                              r".*step_00000001"):
         trainer.fit()
     assert checkpoints(tmp_path) == ["step_00000001"]
+
+
+# ----------------------------------------------------------------------------- a damaged checkpoint
+
+def test_a_damaged_checkpoint_is_one_line_and_exit_2(tmp_path, data_cache, capsys):
+    """The rerun meets a checkpoint whose piece file has one float overwritten (same size): refused
+    like a bad setting, before any step, naming the file and the fix; the run is left as it was."""
+    run_dir = tmp_path / "run"
+    assert run(capsys, run_dir, data_cache, "train.steps=2", "checkpoint.interval=1")[0] == 0
+    latest = latest_checkpoint(str(run_dir / "checkpoints"))
+    piece = sorted(f for f in os.listdir(latest) if f.endswith(".safetensors"))[0]
+    with open(os.path.join(latest, piece), "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x00\xc0\x7f")                                 # a NaN where a weight was
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    code, err = run(capsys, run_dir, data_cache, "train.steps=4")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"checkpoint file {os.path.join(latest, piece)} is damaged" in err and "sha256" in err
+    assert (run_dir / "metrics.jsonl").read_text() == metrics and checkpoints(run_dir)[-1] == "step_00000002"
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl

@@ -15,7 +15,8 @@ from megads import pretrain
 from megads.checkpoint import latest_checkpoint
 from megads.config import load_config
 from megads.data import prepare_data
-from megads.train.trainer import NonFiniteError, Trainer
+from megads.train.loop import NonFiniteError
+from megads.train.trainer import Trainer
 
 SMALL = ["parallel.tp=1", "model.hidden_size=64", "model.num_layers=3", "model.intermediate_size=128", "model.moe_intermediate_size=32",
          "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",

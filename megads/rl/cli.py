@@ -1,21 +1,13 @@
-"""The command line shared by `python -m megads.sft` and `python -m megads.grpo`: config, data,
-process group, trainer, summary; alone or under torchrun (launch/run.py)."""
+"""The post-training stages (`python -m megads.sft`, `python -m megads.grpo`) on the one command
+line of megads/cli.py: their settings checks and their summary."""
 from __future__ import annotations
 
 import json
-import logging
-import os
-import sys
 
-import torch.distributed as dist
-
-from megads.checkpoint import CheckpointError
-from megads.config import ConfigError, load_config
-from megads.data import prepare_data
-from megads.parallel.mesh import build_mesh
-from megads.pretrain import init_distributed, refuse
-from megads.train.preemption import PreemptionSignals
-from megads.train.run_dir import claim_run_dir
+from megads import cli
+from megads.config import Config, ConfigError
+from megads.data import PreparedData
+from megads.rl.run import PolicyRun
 
 
 def summarize(metrics_path: str) -> str:
@@ -29,40 +21,20 @@ def summarize(metrics_path: str) -> str:
             f"{last['eval_accuracy']:.3f} (step {last['step']})")
 
 
-def main(argv: list[str] | None, trainer_cls, usage: str) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage)
-        return 0 if argv else 2
-    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if rank != 0:
-        logging.getLogger("megads").setLevel(logging.WARNING)
-    try:
-        cfg = load_config(argv[0], argv[1:]).validate(world_size=world_size).check_machine()
+def stage(trainer_cls: type[PolicyRun], usage: str) -> cli.Stage:
+    def check_stage(cfg: Config, world_size: int, data: PreparedData) -> None:
         settings = getattr(cfg, trainer_cls.section)
         cfg.validate_generation_layout(world_size, settings.eval_problems)
         if trainer_cls.section == "grpo":
-            cfg.validate_generation_layout(world_size, cfg.grpo.prompts_per_step)
-        data = prepare_data(cfg.data, cfg.model.vocab_size)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        return refuse(err, rank)
-    try:
-        with claim_run_dir(cfg, rank):
-            init_distributed(world_size)
-            with PreemptionSignals() as preemption:
-                result = trainer_cls(cfg, data.tokenizer, build_mesh(cfg.parallel)).fit(preemption)
-    except CheckpointError as err:
-        return refuse(err, rank)
-    except ConfigError as err:          # e.g. a reward plug-in's bad value, met by the rank that computed it
-        print(f"megads: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if result["preempted"]:
-        return preemption.requeue(result["steps"], rank)
-    if rank == 0:
-        print(summarize(result["metrics"]))
-        print(f"run directory: {result['run_dir']}")
-    return 0
+            g = cfg.grpo
+            cfg.validate_generation_layout(world_size, g.prompts_per_step)
+            local = g.prompts_per_step // (world_size // cfg.parallel.tp) * g.group_size
+            if local % g.micro_batch and g.micro_batch < local:
+                raise ConfigError(f"grpo.micro_batch={g.micro_batch} does not divide the {local} responses per DP "
+                                  f"rank (grpo.prompts_per_step / dp * grpo.group_size)")
+
+    return cli.Stage(usage, lambda cfg, data, mesh: trainer_cls(cfg, data.tokenizer, mesh), check_stage, summarize)
+
+
+def main(argv: list[str] | None, trainer_cls: type[PolicyRun], usage: str) -> int:
+    return cli.main(argv, stage(trainer_cls, usage))

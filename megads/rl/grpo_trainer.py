@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from megads.config import Config, ConfigError
+from megads.config import Config
 from megads.data.tokenizer import Tokenizer
 from megads.parallel.mesh import Mesh
 from megads.rl.evaluate import rank_slice
@@ -34,11 +34,6 @@ class GRPOTrainer(PolicyRun):
 
     def __init__(self, cfg: Config, tokenizer: Tokenizer, mesh: Mesh | None = None, device: torch.device | None = None):
         g = cfg.grpo
-        mesh = mesh or Mesh()
-        local = g.prompts_per_step // mesh.dp * g.group_size
-        if local % g.micro_batch and g.micro_batch < local:
-            raise ConfigError(f"grpo.micro_batch={g.micro_batch} does not divide the {local} responses per DP rank "
-                              f"(grpo.prompts_per_step / dp * grpo.group_size)")
         super().__init__(cfg, tokenizer, mesh, device)
         self.eval_max_new_tokens = g.max_new_tokens
         self.params = SamplingParams(g.max_new_tokens, g.temperature, g.top_p)
