@@ -498,8 +498,33 @@ def _validate_pipeline(p: ParallelConfig, m: ModelConfig, micro_batches: int, dp
         _require(m.num_layers >= stages, f"model.num_layers={m.num_layers} is fewer than the {stages} pipeline stages "
                                          f"of parallel.pp={p.pp} with {p.pipeline_schedule}; lower parallel.pp")
     else:
-        from megads.parallel.pipeline.placement import parse_layout
         parse_layout(p.pipeline_layout, m.num_layers, stages, m.mtp_depth > 0)
+
+
+def parse_layout(layout: str, num_layers: int, n_stages: int, mtp: bool) -> list[int]:
+    """Layers per stage from a layout string: stages separated by '|', 't' one decoder layer,
+    'E' the embedding (first stage only), 'L' the head and loss (last stage only), 'm' the MTP
+    depths (last stage, after 'L'). Example for 4 stages: "Ett|tt|tt|ttLm". It lives here, not in
+    parallel/pipeline/placement.py (which splits the stages by it), so that validation needs nothing
+    from parallel/."""
+    stages = layout.replace(" ", "").split("|")
+    rule = "; write stages as 'Ett|tt|...|ttL' with E first, L last and m after L when model.mtp_depth > 0"
+    if len(stages) != n_stages:
+        raise ConfigError(f"parallel.pipeline_layout={layout!r} has {len(stages)} stages, the schedule has {n_stages}{rule}")
+    if set(layout) - set("EtLm| "):
+        raise ConfigError(f"parallel.pipeline_layout={layout!r} uses characters other than E, t, L, m and '|'{rule}")
+    if not mtp and "m" in layout:
+        raise ConfigError(f"parallel.pipeline_layout={layout!r} places MTP (m) but model.mtp_depth=0")
+    if not stages[0].startswith("E") or "E" in "".join(stages)[1:]:
+        raise ConfigError(f"parallel.pipeline_layout={layout!r}: the embedding E must open the first stage{rule}")
+    last = stages[-1]
+    if not (last.endswith("Lm") if mtp else last.endswith("L")) or "L" in "".join(stages[:-1]) + last[:last.index("L")]:
+        raise ConfigError(f"parallel.pipeline_layout={layout!r}: the head L{' and MTP m' if mtp else ''} must close the "
+                          f"last stage{rule}")
+    counts = [s.count("t") for s in stages]
+    if sum(counts) != num_layers:
+        raise ConfigError(f"parallel.pipeline_layout={layout!r} places {sum(counts)} layers, model.num_layers={num_layers}")
+    return counts
 
 
 def _validate_fp8(f: FP8Config, t: TrainConfig, p: ParallelConfig) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from megads.fp8.linear import FP8Recipe, along_tokens, compute_dtype, no_autocast, restore, save
-from megads.parallel.pipeline.zero_bubble import weight_grad_now_or_later
 from megads.fp8.quant import QTensor
+from megads.model.deferral import weight_grad_now_or_later
 
 
 def fp8_grouped_weight_grad(x_saved: torch.Tensor | QTensor, grad_saved: torch.Tensor | QTensor, layout: Any,

@@ -25,7 +25,7 @@ import torch
 from megads.fp8.cache import RecentResults, WeightCache
 from megads.fp8.emulated import EmulatedBackend
 from megads.fp8.quant import QTensor, crop
-from megads.parallel.pipeline.zero_bubble import weight_grad_now_or_later
+from megads.model.deferral import weight_grad_now_or_later
 
 if TYPE_CHECKING:   # imported lazily at run time: it needs Triton
     from megads.fp8.torch_backend import TorchBackend

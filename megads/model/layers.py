@@ -14,6 +14,8 @@ class Linear(nn.Module):
 
     `gemm(x, weight)` is the local matrix product: FP8 (megads.fp8) and the zero-bubble
     weight-gradient deferral replace it; tensor parallelism wraps communication around it.
+    A GEMM's backward decides through megads.model.deferral whether its weight gradient is
+    computed now or by the pipeline's W action.
     """
 
     def __init__(self, in_features: int, out_features: int):

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megads.config import ModelConfig
+from megads.model.deferral import weight_grad_now_or_later
 from megads.model.layers import MLP
-from megads.parallel.pipeline.zero_bubble import weight_grad_now_or_later
 
 
 class Router(nn.Module):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from megads.config import ConfigError
+from megads.config import parse_layout
 
 if TYPE_CHECKING:
     from megads.model.deepseek_v3 import DeepSeekV3
@@ -31,30 +31,6 @@ class StageSpec:
     layers: tuple[int, ...]
     first: bool
     last: bool
-
-
-def parse_layout(layout: str, num_layers: int, n_stages: int, mtp: bool) -> list[int]:
-    """Layers per stage from a layout string: stages separated by '|', 't' one decoder layer,
-    'E' the embedding (first stage only), 'L' the head and loss (last stage only), 'm' the MTP
-    depths (last stage, after 'L'). Example for 4 stages: "Ett|tt|tt|ttLm"."""
-    stages = layout.replace(" ", "").split("|")
-    rule = "; write stages as 'Ett|tt|...|ttL' with E first, L last and m after L when model.mtp_depth > 0"
-    if len(stages) != n_stages:
-        raise ConfigError(f"parallel.pipeline_layout={layout!r} has {len(stages)} stages, the schedule has {n_stages}{rule}")
-    if set(layout) - set("EtLm| "):
-        raise ConfigError(f"parallel.pipeline_layout={layout!r} uses characters other than E, t, L, m and '|'{rule}")
-    if not mtp and "m" in layout:
-        raise ConfigError(f"parallel.pipeline_layout={layout!r} places MTP (m) but model.mtp_depth=0")
-    if not stages[0].startswith("E") or "E" in "".join(stages)[1:]:
-        raise ConfigError(f"parallel.pipeline_layout={layout!r}: the embedding E must open the first stage{rule}")
-    last = stages[-1]
-    if not (last.endswith("Lm") if mtp else last.endswith("L")) or "L" in "".join(stages[:-1]) + last[:last.index("L")]:
-        raise ConfigError(f"parallel.pipeline_layout={layout!r}: the head L{' and MTP m' if mtp else ''} must close the "
-                          f"last stage{rule}")
-    counts = [s.count("t") for s in stages]
-    if sum(counts) != num_layers:
-        raise ConfigError(f"parallel.pipeline_layout={layout!r} places {sum(counts)} layers, model.num_layers={num_layers}")
-    return counts
 
 
 def even_split(num_layers: int, n_stages: int) -> list[int]:

@@ -1,58 +1,39 @@
 """The zero-bubble split of backward (Qi et al., "Zero Bubble Pipeline Parallelism", 2023).
 
 While a `WeightGradStore` collects for a (chunk, micro-batch) (`store.collect(key)` around a B
-action), a GEMM's backward may hand its weight-gradient computation to `defer_weight_grad`
-instead of running it, and returns only the input gradient. The W action (`store.flush(key)`)
-runs the queued computations and hands each result to autograd as the parameter's gradient,
-so parameter hooks (sequence-parallel reductions, DeepSpeed's) run as for any gradient.
+action), a GEMM's backward hands its weight-gradient computation to the store through
+megads.model.deferral (`weight_grad_now_or_later`) instead of running it, and returns only the
+input gradient. The W action (`store.flush(key)`) runs the queued computations and hands each
+result to autograd as the parameter's gradient, so parameter hooks (sequence-parallel
+reductions, DeepSpeed's) run as for any gradient.
 
 `DeferredGemm` is the `Linear.gemm` that does so for the plain product (dx = dy W now,
 dW = dy^T x later); any other GEMM (the routed experts' `grouped_linear`, FP8's Wgrad) defers
-through `weight_grad_now_or_later` too.
+through `weight_grad_now_or_later` by itself.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megads.model.deferral import WeightGrad, defer_into, weight_grad_now_or_later
 from megads.model.layers import Linear
-
-_collecting: list | None = None        # the queue of the store collecting now, if any
-
-
-def defer_weight_grad(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> bool:
-    """Queue `compute()` (the gradient of `weight`) for the W action when a store is collecting;
-    False (compute it now) otherwise."""
-    if _collecting is None:
-        return False
-    _collecting.append((weight, compute))
-    return True
-
-
-def weight_grad_now_or_later(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-    """The gradient of `weight` for a backward to return: compute() now, or None when a collecting
-    store takes the computation for its W action."""
-    return None if defer_weight_grad(weight, compute) else compute().to(weight.dtype)
 
 
 class WeightGradStore:
     def __init__(self):
-        self.queues: dict[tuple[int, int], list[tuple[torch.Tensor, Callable[[], torch.Tensor]]]] = {}
+        self.queues: dict[tuple[int, int], list[WeightGrad]] = {}
         self.deferred = 0                 # weight-gradient computations run by W actions so far
 
     @contextlib.contextmanager
-    def collect(self, key: tuple[int, int]):
+    def collect(self, key: tuple[int, int]) -> Iterator[None]:
         """Queue the weight-gradient computations of backward passes run inside under `key`."""
-        global _collecting
-        previous, _collecting = _collecting, self.queues.setdefault(key, [])
-        try:
+        with defer_into(self.queues.setdefault(key, [])):
             yield
-        finally:
-            _collecting = previous
 
     def flush(self, key: tuple[int, int]) -> None:
         """Run the computations queued under `key` and accumulate their results into .grad."""
@@ -101,7 +82,7 @@ class DeferredGemm:
 
 def defer_weight_gradients(model: nn.Module) -> int:
     """Give every plain `Linear` (gemm = F.linear) of `model` a DeferredGemm; returns how many.
-    Linears with another GEMM keep it (it defers through `defer_weight_grad` if it supports it);
+    Linears with another GEMM keep it (it defers through megads.model.deferral if it supports it);
     the routed experts' grouped GEMMs defer by themselves."""
     count = 0
     for module in model.modules():
