@@ -45,7 +45,7 @@ from megads.model.deepseek_v3 import DeepSeekV3                                #
 from megads.parallel.expert import parallelize_experts                         # noqa: E402
 from megads.parallel.mesh import build_mesh                                    # noqa: E402
 from megads.parallel.pipeline.overlap import Chain, Streams, overlapped_forward_backward, run_all  # noqa: E402
-from megads.parallel.pipeline.pieces import backward_steps, forward_steps      # noqa: E402
+from megads.parallel.pipeline.pieces import backward_steps, forward_steps, under_autocast      # noqa: E402
 
 GPU_MODEL = dict(vocab_size=1024, hidden_size=2048, num_heads=16, q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128,
                  qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, moe_intermediate_size=1408,
@@ -80,13 +80,8 @@ class Bench:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def pieces(self) -> list:
-        def under_autocast(fn):
-            def run(state):
-                with self.autocast():
-                    return fn(state)
-            return run
-        return [p._replace(name=f"{i}.{p.name}", fn=under_autocast(p.fn)) for i, layer in self.model.layers.items()
-                for p in layer.pieces(self.cos, self.sin)]
+        return under_autocast([p._replace(name=f"{i}.{p.name}") for i, layer in self.model.layers.items()
+                               for p in layer.pieces(self.cos, self.sin)], self.autocast)
 
     def forward(self, x: torch.Tensor, cuts: list, result: list) -> Chain:
         pieces = self.pieces()

@@ -373,7 +373,7 @@ def test_pipeline_with_fp8_defers_and_matches_single_process(data_cache):
     """DualPipeV on 2 ranks with emulated FP8: the FP8 Wgrads go to the W actions, and the run
     equals the single-process FP8 run (losses, gradient norms, first-step gradients)."""
     from distributed import run_ranks
-    from test_parallel_core import STEPS as PIPE_STEPS, assert_close, make_config
+    from test_parallel_core import STEPS as PIPE_STEPS, assert_close, make_config, steps_with_first_gradients
     from test_pipeline_parity import PIPE, _rank_main
     from megads.parallel.mesh import build_mesh
 
@@ -384,16 +384,8 @@ def test_pipeline_with_fp8_defers_and_matches_single_process(data_cache):
     torch.set_num_threads(1)             # as the ranks: the same fp32 summation order, so the same E4M3 roundings
     try:
         trainer = Trainer(cfg, prepare_data(cfg.data, cfg.model.vocab_size), mesh)
-        first_grads, step = {}, trainer.stepper.step
-
-        def capture_then_step():
-            first_grads.update(first_grads or {n: p.grad.clone() for n, p in trainer.model.named_parameters()})
-            return step()
-        trainer.stepper.step = capture_then_step
-        reference = []
-        for _ in range(PIPE_STEPS):
-            reference.append(trainer.train_step(trainer.train_batches.next_step()))
-            trainer.step += 1
+        reference, first_grads = steps_with_first_gradients(
+            trainer, PIPE_STEPS, lambda: {n: p.grad.clone() for n, p in trainer.model.named_parameters()})
     finally:
         torch.set_num_threads(threads)
 

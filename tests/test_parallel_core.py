@@ -87,6 +87,23 @@ def router_biases(model) -> dict:
     return {name: moe.gate.e_score_correction_bias.detach().clone() for name, moe in model.named_moe_layers()}
 
 
+def steps_with_first_gradients(trainer, steps: int, capture) -> tuple[list, dict]:
+    """`steps` optimizer steps of `trainer`, each at its own step number, and what `capture()`
+    returned just before the first update (the gradients as the optimizer will see them)."""
+    captured, step = {}, trainer.stepper.step
+
+    def capture_then_step():
+        if not captured:
+            captured.update(capture())
+        return step()
+    trainer.stepper.step = capture_then_step
+    results = []
+    for _ in range(steps):
+        results.append(trainer.train_step(trainer.train_batches.next_step()))
+        trainer.step += 1
+    return results, captured
+
+
 def train(cfg, data, mesh) -> dict:
     grads = first_step_gradients(cfg, data, mesh)
     trainer = Trainer(cfg, data, mesh)

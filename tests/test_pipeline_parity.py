@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from distributed import run_ranks
-from test_parallel_core import STEPS, assert_close, canonical, make_config, train, unshard
+from test_parallel_core import STEPS, assert_close, canonical, make_config, steps_with_first_gradients, train, unshard
 from megads.data import prepare_data
 from megads.parallel.mesh import build_mesh
 from megads.train.trainer import Trainer
@@ -47,18 +47,7 @@ def _rank_main(rank, world_size, cache, overrides):
     mesh = build_mesh(cfg.parallel)
     trainer = Trainer(cfg, data, mesh)
     valid = trainer.evaluate()
-    captured = {}
-    step = trainer.stepper.step
-
-    def capture_then_step():
-        if not captured:
-            captured.update(_dp_mean_copy(trainer.model, mesh))
-        return step()
-    trainer.stepper.step = capture_then_step
-    results = []
-    for _ in range(STEPS):
-        results.append(trainer.train_step(trainer.train_batches.next_step()))
-        trainer.step += 1
+    results, captured = steps_with_first_gradients(trainer, STEPS, lambda: _dp_mean_copy(trainer.model, mesh))
     grads = _gathered(mesh, trainer.model, captured)
     weights = _gathered(mesh, trainer.model, trainer.model.state_dict())
     keep = mesh.dp_rank == 0 and mesh.tp_rank == 0

@@ -138,15 +138,21 @@ def test_missing_weight_step_and_unmatched_send_are_rejected():
         simulate(extra)
 
 
-def test_deferred_weight_gradients_equal_the_plain_ones():
+def plain_and_deferred(n_in: int, n_out: int):
+    """Two equal Linears, the second deferring its weight gradient to a store; two equal inputs
+    [2, 3, n_in] with gradients."""
     torch.manual_seed(0)
-    plain, deferred = Linear(6, 5), Linear(6, 5)
+    plain, deferred = Linear(n_in, n_out), Linear(n_in, n_out)
     plain.weight.data.normal_()
     deferred.weight.data.copy_(plain.weight.data)
-    store = WeightGradStore()
-    assert defer_weight_gradients(deferred) == 1
-    x = torch.randn(2, 3, 6, requires_grad=True)
-    x2 = x.detach().clone().requires_grad_()
+    deferred_count = defer_weight_gradients(deferred)
+    x = torch.randn(2, 3, n_in, requires_grad=True)
+    return plain, deferred, deferred_count, WeightGradStore(), x, x.detach().clone().requires_grad_()
+
+
+def test_deferred_weight_gradients_equal_the_plain_ones():
+    plain, deferred, deferred_count, store, x, x2 = plain_and_deferred(6, 5)
+    assert deferred_count == 1
     for _ in range(2):                                   # two micro-batches accumulate
         (plain(x) ** 2).sum().backward()
         with store.collect((0, 0)):
@@ -288,14 +294,7 @@ def test_sends_out_of_the_receivers_order_are_rejected():
 
 def test_deferred_weight_gradients_under_bf16_autocast_equal_the_plain_ones():
     """The GPU path: autocast casts inside the deferred GEMM, the queued dW flows back to the fp32 weight."""
-    torch.manual_seed(0)
-    plain, deferred = Linear(16, 8), Linear(16, 8)
-    plain.weight.data.normal_()
-    deferred.weight.data.copy_(plain.weight.data)
-    store = WeightGradStore()
-    defer_weight_gradients(deferred)
-    x = torch.randn(2, 3, 16, requires_grad=True)
-    x2 = x.detach().clone().requires_grad_()
+    plain, deferred, _, store, x, x2 = plain_and_deferred(16, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, y2 = plain(x), deferred(x2)
     assert y2.dtype == torch.bfloat16 and torch.equal(y, y2)

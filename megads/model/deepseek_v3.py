@@ -102,9 +102,14 @@ class DeepSeekV3(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.0) -> ModelOutput:
         """tokens, targets [b, s] (targets[i] = tokens[i+1] of the packed stream)."""
-        h = self.hidden_states(tokens)
-        lm_loss = self.token_losses(self.logits(h).flatten(0, 1).float(), targets.flatten()).mean()
-        mtp_loss = self.mtp_loss(h, tokens, targets)
+        return self.head_losses(self.hidden_states(tokens), tokens, targets, mtp_weight)
+
+    def head_losses(self, hidden: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor,
+                    mtp_weight: float) -> ModelOutput:
+        """The LM and MTP losses from the last decoder layer's hidden states [b, s, d] (the model's
+        end, also a pipeline's last stage)."""
+        lm_loss = self.token_losses(self.logits(hidden).flatten(0, 1).float(), targets.flatten()).mean()
+        mtp_loss = self.mtp_loss(hidden, tokens, targets)
         return ModelOutput(loss=lm_loss + mtp_weight * mtp_loss, lm_loss=lm_loss, mtp_loss=mtp_loss)
 
     def mtp_loss(self, hidden: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

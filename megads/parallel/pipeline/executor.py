@@ -27,7 +27,7 @@ from megads.model.deepseek_v3 import DeepSeekV3
 from megads.model.moe import MoE, balance_loss_scale
 from megads.parallel.pipeline.overlap import Chain, Streams, overlapped_forward_backward, run_all
 from megads.parallel.pipeline.p2p import P2P
-from megads.parallel.pipeline.pieces import Cut, backward_steps, forward_steps, mark_use
+from megads.parallel.pipeline.pieces import Cut, backward_steps, forward_steps, mark_use, under_autocast
 from megads.parallel.pipeline.placement import StageSpec
 from megads.parallel.pipeline.schedules import Action, Schedule
 from megads.parallel.pipeline.zero_bubble import WeightGradStore
@@ -87,17 +87,10 @@ class PipelineExecutor:
             pieces += [p._replace(name=f"layers.{i}.{p.name}") for p in model.layers[str(i)].pieces(cos, sin)]
         if spec.last:
             def head(h: torch.Tensor):
-                lm_loss = model.token_losses(model.logits(h).flatten(0, 1).float(), targets.flatten()).mean()
-                mtp_loss = model.mtp_loss(h, tokens, targets)
-                return lm_loss + mtp_weight * mtp_loss, lm_loss, mtp_loss
+                out = model.head_losses(h, tokens, targets, mtp_weight)
+                return out.loss, out.lm_loss, out.mtp_loss
             pieces.append(Piece("head", False, head))
-        return [p._replace(fn=self._under_autocast(p.fn)) for p in pieces]
-
-    def _under_autocast(self, fn: Callable) -> Callable:
-        def run(state):
-            with self.autocast():
-                return fn(state)
-        return run
+        return under_autocast(pieces, self.autocast)
 
     # ------------------------------------------------------------------ actions
 

@@ -71,6 +71,17 @@ def cut(out: object) -> tuple[object, list[torch.Tensor], list[torch.Tensor]]:
     return dataclasses.replace(out, **leaves), list(changes.values()), list(leaves.values())
 
 
+def under_autocast(pieces: list[Piece], autocast: Callable[[], contextlib.AbstractContextManager]) -> list[Piece]:
+    """The pieces with each one's function run inside `autocast()` (a piece may run on another
+    stream or interleaved with another micro-batch's, so each enters the context itself)."""
+    def wrap(fn: Callable) -> Callable:
+        def run(state):
+            with autocast():
+                return fn(state)
+        return run
+    return [p._replace(fn=wrap(p.fn)) for p in pieces]
+
+
 def forward_steps(pieces: list[Piece], state: object, cuts: list[Cut], result: list) -> Iterator[None]:
     """Run the pieces on `state`, yielding after each. The cuts are appended to `cuts`; the last
     output is appended to `result` once the iterator is exhausted."""
