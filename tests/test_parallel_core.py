@@ -18,11 +18,9 @@ import torch.distributed as dist
 from distributed import run_ranks
 from megads.config import load_config
 from megads.data import BatchLoader, PackedSequences, prepare_data
-from megads.model.deepseek_v3 import DeepSeekV3
 from megads.model.moe import balance_loss_scale
+from megads.parallel.builder import build_model
 from megads.parallel.mesh import build_mesh
-from megads.parallel.expert import parallelize_experts
-from megads.parallel.tensor import parallelize_tensor
 from megads.train.trainer import Trainer
 
 STEPS = 3
@@ -66,11 +64,7 @@ def full_gradients(model, mesh) -> dict:
 
 def first_step_gradients(cfg, data, mesh) -> dict:
     """Gradients of the first global batch from a plain (non-DeepSpeed) copy of the parallel model."""
-    torch.manual_seed(cfg.train.seed)
-    model = DeepSeekV3(cfg.model)
-    model.init_weights()
-    parallelize_tensor(model, mesh, cfg.parallel.sequence_parallel)
-    parallelize_experts(model, mesh, cfg.parallel.sequence_parallel)
+    model = build_model(cfg, mesh, torch.device("cpu")).model
     for moe in model.moe_layers():
         moe.balance_alpha = cfg.train.seq_aux_alpha
     t = cfg.train

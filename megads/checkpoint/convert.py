@@ -24,12 +24,10 @@ from megads.checkpoint.hf import (HFTensor, config_from_metadata, dequantise_wei
                                   megads_name, model_config, quantise_weight, quantised, scale_name, shared_copy_source)
 from megads.checkpoint.layout import MODEL, expected_tensors, global_name
 from megads.checkpoint.sharded import check_model_tensors, resolve
-from megads.config import ModelConfig
+from megads.config import Config, ModelConfig
 from megads.fp8.quant import E4M3
-from megads.model.deepseek_v3 import DeepSeekV3
-from megads.parallel.expert import parallelize_experts
+from megads.parallel.builder import build_model
 from megads.parallel.mesh import Mesh
-from megads.parallel.tensor import parallelize_tensor
 
 log = logging.getLogger("megads")
 Progress = Callable[[Iterable, int, str], Iterable]
@@ -220,11 +218,8 @@ def from_hf(hf_dir: str, out: str, dequant_dtype: torch.dtype = torch.bfloat16, 
 
 def split_dims(cfg: ModelConfig, tp: int, ep: int) -> dict[str, tuple[int | None, bool]]:
     """Global name -> (TP split dimension or None, expert-parallel?) under tp x ep."""
-    with torch.device("meta"):
-        model = DeepSeekV3(cfg)
     mesh = Mesh(world_size=tp * ep, tp=tp, ep=ep, dp=ep)
-    parallelize_tensor(model, mesh, sequence_parallel=False)
-    parallelize_experts(model, mesh, sequence_parallel=False)
+    model = build_model(Config(model=cfg), mesh, torch.device("meta"), initialise=False).model
     return {global_name(n): (getattr(t, "partition_dim", None) if getattr(t, "tensor_model_parallel", False) else None,
                              getattr(t, "expert_parallel", False))
             for n, t in model.state_dict(keep_vars=True).items()}

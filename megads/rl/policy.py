@@ -13,19 +13,14 @@ from megads.checkpoint import load_model_weights
 from megads.config import Config
 from megads.model.deepseek_v3 import DeepSeekV3
 from megads.model.moe import Router
-from megads.parallel.expert import parallelize_experts
+from megads.parallel.builder import build_model
 from megads.parallel.mesh import Mesh
-from megads.parallel.tensor import parallelize_tensor
 
 
 def build_policy(cfg: Config, mesh: Mesh, device: torch.device, init: str | None) -> DeepSeekV3:
     """The model of `cfg.model` sharded over `mesh`, with the weights of checkpoint `init` (any
     layout), or the seeded initialisation of pretraining when `init` is None."""
-    torch.manual_seed(cfg.train.seed)
-    model = DeepSeekV3(cfg.model).to(device)
-    model.init_weights()
-    parallelize_tensor(model, mesh, cfg.parallel.sequence_parallel)
-    parallelize_experts(model, mesh, cfg.parallel.sequence_parallel)
+    model = build_model(cfg, mesh, device).model         # no FP8, no pipeline: refused for SFT / GRPO
     if init is not None:
         load_model_weights(init, model, mesh)
     # Post-training runs no MTP depth: frozen, they keep their pretrained weights under every

@@ -14,15 +14,11 @@ import torch.distributed as dist
 
 from megads.config import Config, lr_at, schedule_value
 from megads.data import BatchLoader, PackedSequences, PreparedData
-from megads.fp8 import apply_fp8
-from megads.model.deepseek_v3 import DeepSeekV3
 from megads.model.moe import balance_loss_scale
+from megads.parallel.builder import build_model
 from megads.parallel.data import build_step_optimizer
-from megads.parallel.expert import parallelize_experts
 from megads.parallel.mesh import Mesh
-from megads.parallel.pipeline.build import build_pipeline
 from megads.parallel.pipeline.schedules import forward_pass
-from megads.parallel.tensor import parallelize_tensor
 from megads.train.loop import TrainingLoop
 from megads.train.metrics import flops_per_token, memory_gib, peak_flops
 from megads.train.optim import build_optimizer, set_lr
@@ -51,15 +47,9 @@ class Trainer(TrainingLoop):
     def __init__(self, cfg: Config, data: PreparedData, mesh: Mesh | None = None, device: torch.device | None = None):
         super().__init__(cfg, mesh, device)
         t = cfg.train
-        torch.manual_seed(t.seed)
-        # Every rank builds and initialises the whole model identically, then keeps its shards.
-        self.model = DeepSeekV3(cfg.model).to(self.device)
-        self.model.init_weights()
-        parallelize_tensor(self.model, self.mesh, cfg.parallel.sequence_parallel)
-        parallelize_experts(self.model, self.mesh, cfg.parallel.sequence_parallel)
-        self.fp8_recipe = apply_fp8(self.model, cfg.fp8)  # on the local shards: FP8 GEMMs see TP / EP slices
+        built = build_model(cfg, self.mesh, self.device, self.autocast)
         # Under PP the rank keeps its stages only (global names; mirrored copies marked `pipeline_mirror`).
-        self.pipeline = build_pipeline(self.model, cfg, self.mesh, self.autocast) if self.mesh.pp > 1 else None
+        self.model, self.fp8_recipe, self.pipeline = built.model, built.fp8_recipe, built.pipeline
         for moe in self.model.moe_layers():
             moe.balance_alpha = t.seq_aux_alpha
         self.optimizer = build_optimizer(self.model, t, self.device)
