@@ -228,12 +228,27 @@ def metric_lines(run_dir) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+def test_ranks_end_with_a_killed_launcher(tmp_path, data_cache):
+    """SIGKILL of the launcher (the OOM killer, a careless kill -9): its ranks must not train on
+    unsupervised; they exit within seconds, and a rerun takes the run directory over."""
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, data_cache, 100000)
+    wait_until(lambda: metric_lines(run_dir) > 0 or proc.poll() is not None, 300, "the first step")
+    ranks = children(proc.pid)
+    assert proc.poll() is None and len(ranks) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    wait_until(lambda: not any(alive(pid) for pid in ranks), 30, "the end of the ranks")
+    output = proc.communicate(timeout=60)[0]
+    assert output.count("its launcher (pid") == 2, output[-3000:]
+    assert (run_dir / LOCK_FILE).exists()                          # left behind by the killed rank 0
+
+
 @pytest.mark.timeout(900)
 def test_killed_launcher_and_ranks_continue_bitwise(tmp_path, data_cache):
     """SIGKILL of the launcher (its ranks must follow it) or of one rank, at random moments of a
     2-rank run that checkpoints every step (so some kills land inside checkpoint writes); each
     rerun resumes, and the end equals an uninterrupted run bit for bit."""
-    steps, seed = 6, random.randrange(1 << 16)
+    steps, seed = 8, random.randrange(1 << 16)
     rng = random.Random(seed)
     whole = launch(tmp_path / "whole", data_cache, steps)
     assert whole.wait(timeout=600) == 0, whole.communicate()[0][-3000:]
