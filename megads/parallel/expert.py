@@ -24,7 +24,7 @@ from torch import nn
 
 from megads.model.moe import GroupedExperts, MoE
 from megads.parallel.mesh import Mesh
-from megads.parallel.tensor import SEQ_DIM, reduce_from_tp, reduce_grad_over_tp
+from megads.parallel.tensor import merge_sequence, reduce_from_tp, reduce_grad_over_tp, split_sequence
 
 
 class _AllToAll(torch.autograd.Function):
@@ -111,40 +111,6 @@ class ExpertParallelExperts(nn.Module):
         return all_to_all(y[inverse], send_splits, recv_splits, self.group)
 
 
-class _SplitSequence(torch.autograd.Function):
-    """Keep this TP rank's slice of a TP-replicated tensor; gradients are all-gathered back."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        return x.chunk(size, dim=SEQ_DIM)[rank].contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather(grad, ctx.group), None
-
-
-class _GatherSequence(torch.autograd.Function):
-    """Concatenate the TP ranks' slices into the replicated tensor; each rank keeps its gradient slice."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        return grad.chunk(size, dim=SEQ_DIM)[rank].contiguous(), None
-
-
-def _gather(x: torch.Tensor, group) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=SEQ_DIM)
-
-
 def parallelize_experts(model: nn.Module, mesh: Mesh, sequence_parallel: bool) -> None:
     """Keep this EP rank's experts in every MoE layer (in place) and route through all-to-all."""
     if mesh.ep == 1:
@@ -162,7 +128,7 @@ def parallelize_experts(model: nn.Module, mesh: Mesh, sequence_parallel: bool) -
         moe.gate.register_forward_hook(lambda _, __, out, ep=moe.experts: ep.count_nodes(out[0]))
         if mesh.tp > 1 and not sequence_parallel:
             group = mesh.group("tp")
-            moe.split_tokens = lambda x, g=group: _SplitSequence.apply(x, g)
-            moe.merge_tokens = lambda x, g=group: _GatherSequence.apply(x, g)
+            moe.split_tokens = lambda x, g=group: split_sequence(x, g)
+            moe.merge_tokens = lambda x, g=group: merge_sequence(x, g)
             moe.reduce_sequence_stats = lambda x, g=group: reduce_from_tp(x, g)
             reduce_grad_over_tp(moe.gate.weight, group)       # the router now sees this rank's slice only

@@ -28,39 +28,28 @@ from megads.parallel.mesh import Mesh
 
 SEQ_DIM = 1
 
+# torch 2.13 renamed the single-tensor collectives (the old names now warn FutureWarning); older torch has the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
 
 # ----------------------------------------------------------------------------- region operators
 
-class _Copy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x
 
 
-class _Reduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.contiguous()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
 
 
 def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
     size = dist.get_world_size(group)
     x = x.movedim(SEQ_DIM, 0).contiguous()
     out = x.new_empty((size * x.shape[0],) + x.shape[1:])
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_single(out, x, group=group)
     return out.movedim(0, SEQ_DIM)
 
 
@@ -68,46 +57,55 @@ def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
     size = dist.get_world_size(group)
     x = x.movedim(SEQ_DIM, 0).contiguous()
     out = x.new_empty((x.shape[0] // size,) + x.shape[1:])
-    dist.reduce_scatter_tensor(out, x, group=group)
+    _reduce_scatter_single(out, x, group=group)
     return out.movedim(0, SEQ_DIM)
 
 
-class _GatherSeq(torch.autograd.Function):
+def _slice_seq(x: torch.Tensor, group) -> torch.Tensor:
+    return x.chunk(dist.get_world_size(group), dim=SEQ_DIM)[dist.get_rank(group)].contiguous()
+
+
+class _RegionOp(torch.autograd.Function):
+    """A TP-region boundary: `forward(x, group)` one way, `backward(grad, group)` the other."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_seq(x, group)
+    def forward(ctx, x, group, forward, backward):
+        ctx.group, ctx.backward = group, backward
+        return forward(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.group), None
-
-
-class _ScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.group), None
+        return ctx.backward(grad, ctx.group), None, None, None
 
 
 def copy_to_tp(x, group):
-    return _Copy.apply(x, group)
+    """Replicated activations into column-parallel layers: gradients summed over TP."""
+    return _RegionOp.apply(x, group, _identity, _all_reduce)
 
 
 def reduce_from_tp(x, group):
-    return _Reduce.apply(x, group)
+    """Partial sums of row-parallel layers (or statistics) summed over TP."""
+    return _RegionOp.apply(x, group, _all_reduce, _identity)
 
 
 def gather_sequence(x, group):
-    return _GatherSeq.apply(x, group)
+    """Sequence-parallel shards [b, s/tp, d] into the TP region [b, s, d] (gradients reduce-scattered)."""
+    return _RegionOp.apply(x, group, _all_gather_seq, _reduce_scatter_seq)
 
 
 def scatter_sequence(x, group):
-    return _ScatterSeq.apply(x, group)
+    """Partial sums [b, s, d] out of the TP region into sequence shards [b, s/tp, d]."""
+    return _RegionOp.apply(x, group, _reduce_scatter_seq, _all_gather_seq)
+
+
+def split_sequence(x, group):
+    """This TP rank's slice [b, s/tp, d] of a TP-replicated tensor (gradients all-gathered back)."""
+    return _RegionOp.apply(x, group, _slice_seq, _all_gather_seq)
+
+
+def merge_sequence(x, group):
+    """The TP ranks' slices concatenated into the replicated tensor; each keeps its gradient slice."""
+    return _RegionOp.apply(x, group, _all_gather_seq, _slice_seq)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -170,6 +168,34 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group) -> torch.Tensor:
     return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, group)
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits: torch.Tensor, mask: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """Mean next-token entropy (nats) over masked positions, from logits [b, s, vocab/tp] split over
+    TP: H = log Z + m - sum_v e^(z_v - m) z_v / Z', all sums reduced over the TP group."""
+    group = mesh.group("tp")
+    z = logits.float()
+    m = z.amax(-1)
+    if group is not None:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    e = torch.exp(z - m[..., None])
+    sums = torch.stack([e.sum(-1), (e * z).sum(-1)])                              # [2, b, s]
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+    h = sums[0].log() + m - sums[1] / sums[0]
+    mask = mask.bool()
+    return h.masked_fill(~mask, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def gather_vocab(logits: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """The full-vocabulary logits [..., vocab] from TP shards [..., vocab/tp] (for sampling)."""
+    group = mesh.group("tp")
+    if group is None:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(mesh.tp)]
+    dist.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
 
 
 # ----------------------------------------------------------------------------- applying TP to a model

@@ -18,9 +18,10 @@ import torch.distributed as dist
 from megads.config import Config
 from megads.data.tokenizer import Tokenizer
 from megads.parallel.mesh import Mesh
+from megads.parallel.tensor import vocab_parallel_entropy
 from megads.rl.evaluate import rank_slice
 from megads.rl.loss import dynamic_sampling_mask, group_advantages, policy_loss
-from megads.rl.policy import build_reference, replay_routes, token_logprobs, vocab_parallel_entropy
+from megads.rl.policy import build_reference, replay_routes, token_logprobs
 from megads.rl.problems import encode_prompt, problem_stream, take
 from megads.rl.rewards import RewardSet
 from megads.rl.rollout import Rollout, SamplingParams, UniformStream, generate

@@ -1,13 +1,13 @@
 """The policy model for SFT and GRPO: built and sharded like pretraining's, started from a
-checkpoint of any layout; per-token log-probabilities and entropy that never gather the
-vocabulary under TP; routing capture and replay for the MoE layers."""
+checkpoint of any layout; per-token log-probabilities that never gather the vocabulary under
+TP (the vocabulary-parallel maths lives in parallel/tensor.py); routing capture and replay for
+the MoE layers."""
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 
 from megads.checkpoint import load_model_weights
 from megads.config import Config
@@ -82,31 +82,3 @@ def token_logprobs(model: DeepSeekV3, tokens: torch.Tensor, temperature: float) 
     logits = model.logits(model.hidden_states(tokens[:, :-1])).float() / temperature
     logp = -model.token_losses(logits.flatten(0, 1), tokens[:, 1:].flatten()).view(b, -1)
     return logp, logits
-
-
-@torch.no_grad()
-def vocab_parallel_entropy(logits: torch.Tensor, mask: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-    """Mean next-token entropy (nats) over masked positions, from logits [b, s, vocab/tp] split over
-    TP: H = log Z + m - sum_v e^(z_v - m) z_v / Z', all sums reduced over the TP group."""
-    group = mesh.group("tp")
-    z = logits.float()
-    m = z.amax(-1)
-    if group is not None:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    e = torch.exp(z - m[..., None])
-    sums = torch.stack([e.sum(-1), (e * z).sum(-1)])                              # [2, b, s]
-    if group is not None:
-        dist.all_reduce(sums, group=group)
-    h = sums[0].log() + m - sums[1] / sums[0]
-    mask = mask.bool()
-    return h.masked_fill(~mask, 0.0).sum() / mask.sum().clamp(min=1)
-
-
-def gather_vocab(logits: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-    """The full-vocabulary logits [..., vocab] from TP shards [..., vocab/tp] (for sampling)."""
-    group = mesh.group("tp")
-    if group is None:
-        return logits
-    parts = [torch.empty_like(logits) for _ in range(mesh.tp)]
-    dist.all_gather(parts, logits.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)

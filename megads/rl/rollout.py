@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from megads.model.deepseek_v3 import DeepSeekV3
 from megads.parallel.mesh import Mesh
-from megads.rl.policy import capture_routes, gather_vocab
+from megads.parallel.tensor import gather_vocab
+from megads.rl.policy import capture_routes
 
 
 @dataclass
