@@ -26,8 +26,9 @@ class DemoRun:
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> DemoRun:
     """The README's demo command, run once: 4 ranks (DP=2 x TP=2, EP=2) through the launcher, from
-    an empty data cache. tests/test_train.py checks what it printed and learned; the GRPO tests
-    start from its checkpoint, as a user following the README does."""
+    an empty data cache. tests/test_train.py checks what it printed and learned, tests/test_demo_output.py
+    that it printed nothing but megads' own lines; the GRPO tests start from its checkpoint, as a user
+    following the README does."""
     root = tmp_path_factory.mktemp("demo")
     run_dir, cache_dir = str(root / "tiny"), str(root / "cache")
     proc = subprocess.run([sys.executable, "launch/run.py", "--nproc-per-node", "4", "pretrain", "configs/tiny.yaml",

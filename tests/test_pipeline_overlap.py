@@ -8,6 +8,7 @@ import contextlib
 import torch
 
 from distributed import run_ranks
+from test_parallel_core import assert_close
 from megads.config import ModelConfig, ParallelConfig
 from megads.model.block import DecoderLayer, Piece
 from megads.model.deepseek_v3 import DeepSeekV3
@@ -100,7 +101,7 @@ def test_piece_chain_is_the_layer_and_its_backward():
     ref["x"] = x_ref.grad
     assert got.keys() == ref.keys()
     for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=f"gradient of {name}")
+        assert_close(got[name], ref[name], f"gradient of {name}")
 
 
 LAYER_SLOTS = [("attention", "combine"), ("dispatch", "experts"), ("experts", "dispatch"), ("combine", "attention")]
@@ -194,4 +195,4 @@ def test_fb_action_equals_forward_then_backward_under_ep():
         assert paired["grads"].keys() == separate["grads"].keys() == plain.keys()
         for name, grad in separate["grads"].items():
             assert torch.equal(paired["grads"][name], grad), f"FB gradient of {name} differs from F then B"
-            torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-7, msg=f"gradient of {name}")
+            assert_close(grad, plain[name], f"gradient of {name}")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distributed import run_ranks
+from test_parallel_core import assert_close
 from megads.checkpoint import CheckpointReader
 from megads.config import ConfigError, load_config
 from megads.data import prepare_data
@@ -90,4 +91,4 @@ def test_model_with_mtp_saves_and_resumes_exactly(tmp_path, data_cache):
     assert moments and not any(".mtp." in n for n in moments)
     ranks = run_ranks(_sft_with_mtp, 2, (tmp_path / "zero1", data_cache, 2), timeout=300)
     for name, value in straight.items():
-        torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert_close(ranks[0][name], value, name)

@@ -13,8 +13,12 @@ Parameters live in fp32 (master weights); on GPU the forward runs under bf16 aut
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from unittest import mock
 
@@ -223,8 +227,22 @@ def register_expert_groups(model: nn.Module, optimizer: torch.optim.Optimizer, m
     return True
 
 
+def quiet_deepspeed(device: torch.device) -> None:
+    """Keep DeepSpeed from printing what is not news to a megads user; call before DeepSpeed is imported."""
+    if device.type == "cpu":
+        # DeepSpeed picks its accelerator when first imported and, finding no GPU, warns once per
+        # rank that it fell back to the CPU; megads trains on the CPU here, so it says so.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # ZeRO-1/2 all-gather the updated partitions with torch.distributed.all_gather_into_tensor
+    # (deepspeed.comm's TorchBackend.all_gather_function, DeepSpeed 0.19), which torch 2.13
+    # deprecates with a FutureWarning per rank. megads itself calls the new name (parallel/tensor.py).
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+
+
 class DeepSpeedOptimizer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, cfg: Config):
+        quiet_deepspeed(next(model.parameters()).device)
         import deepspeed
         from deepspeed.moe.layer import MoE as DeepSpeedMoE
         from deepspeed.runtime import engine as ds_engine
@@ -233,7 +251,10 @@ class DeepSpeedOptimizer:
         # DeepSpeed switches its MoE handling on when it finds its own MoE class in the model;
         # megads' MoE layer stands in for it while the engine is built.
         moe_classes = (DeepSpeedMoE, MoE) if has_experts else DeepSpeedMoE
-        with mock.patch.object(ds_engine, "MoE", moe_classes):
+        # On CPU, DeepSpeed's comm backend prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built
+        # successfully" on every rank as it starts. The redirect takes bare prints only: DeepSpeed's logger
+        # holds the real stdout, so its warnings still show.
+        with mock.patch.object(ds_engine, "MoE", moe_classes), contextlib.redirect_stdout(io.StringIO()):
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=deepspeed_config(cfg, mesh), mpu=MeshMPU(mesh),
                 dist_init_required=False)
