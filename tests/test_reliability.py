@@ -230,7 +230,7 @@ def metric_lines(run_dir) -> int:
 
 def test_ranks_end_with_a_killed_launcher(tmp_path, data_cache):
     """SIGKILL of the launcher (the OOM killer, a careless kill -9): its ranks must not train on
-    unsupervised; they exit within seconds, and a rerun takes the run directory over."""
+    unsupervised; they exit within seconds."""
     run_dir = tmp_path / "run"
     proc = launch(run_dir, data_cache, 100000)
     wait_until(lambda: metric_lines(run_dir) > 0 or proc.poll() is not None, 300, "the first step")
@@ -239,8 +239,8 @@ def test_ranks_end_with_a_killed_launcher(tmp_path, data_cache):
     os.kill(proc.pid, signal.SIGKILL)
     wait_until(lambda: not any(alive(pid) for pid in ranks), 30, "the end of the ranks")
     output = proc.communicate(timeout=60)[0]
-    assert output.count("its launcher (pid") == 2, output[-3000:]
-    assert (run_dir / LOCK_FILE).exists()                          # left behind by the killed rank 0
+    # The first rank to notice exits; the other may instead fail in a collective with it, first.
+    assert f"its launcher (pid {proc.pid}) is gone; stopping" in output, output[-3000:]
 
 
 @pytest.mark.timeout(900)
