@@ -15,6 +15,7 @@ from torch import nn
 
 from megads.checkpoint.layout import MOMENTS
 from megads.parallel.data import DeepSpeedOptimizer
+from megads.parallel.deepspeed_adapter import link_optimizer_fragments
 
 
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -43,7 +44,7 @@ def moments(stepper, model: nn.Module) -> Iterator[tuple[str, dict[str, torch.Te
     zero = _zero(stepper)
     if zero is not None:
         from deepspeed.utils import safe_get_full_optimizer_state
-        _link_fragments(zero)
+        link_optimizer_fragments(zero)
         for n, p in trainable(model):
             yield n, {m: safe_get_full_optimizer_state(p, m).reshape(p.shape) for m in MOMENTS}
         return
@@ -65,7 +66,7 @@ def set_moments(stepper, model: nn.Module, step: int,
                                   **{m: torch.zeros_like(p, memory_format=torch.preserve_format) for m in MOMENTS}}
     if zero is not None:
         from deepspeed.utils import safe_set_full_optimizer_state
-        _link_fragments(zero)
+        link_optimizer_fragments(zero)
         for name, p in trainable(model):
             for m in MOMENTS:
                 safe_set_full_optimizer_state(p, read(name, m, p).to(p.device, torch.float32), m)
@@ -73,14 +74,6 @@ def set_moments(stepper, model: nn.Module, step: int,
     for name, p in trainable(model):
         for m in MOMENTS:
             optimizer.state[p][m].copy_(read(name, m, p))
-
-
-def _link_fragments(zero) -> None:
-    """Point every parameter's fragment at the current AdamW state of its flat partition.
-    DeepSpeed links them once, after the first step of the first parameter group, when the
-    other groups have no state yet; relinking makes the fragments of every group valid."""
-    zero._hp_optimizer_states_linked = False
-    zero._lazy_init_hp_params_optimizer_state()
 
 
 def refresh_master_weights(stepper) -> None:

@@ -13,14 +13,9 @@ Parameters live in fp32 (master weights); on GPU the forward runs under bf16 aut
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
-import os
-import warnings
 from dataclasses import dataclass
-from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -28,6 +23,7 @@ from torch import nn
 
 from megads.config import Config, ConfigError
 from megads.model.moe import MoE
+from megads.parallel.deepspeed_adapter import megads_moe_recognised, quiet_deepspeed, register_expert_groups
 from megads.parallel.mesh import Mesh
 
 
@@ -201,60 +197,15 @@ def _merge(base: dict, extra: dict, prefix: str) -> None:
         base[key] = value
 
 
-def register_expert_groups(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh) -> bool:
-    """Hand megads' expert parallelism to DeepSpeed's MoE bookkeeping; True if the model has experts.
-
-    DeepSpeed's ZeRO reduces and partitions a parameter over its expert-data-parallel group when
-    the parameter has `allreduce=False` and a `group_name` registered in `deepspeed.utils.groups`,
-    and the optimizer group holding it is marked `moe`. Its gradient is divided by dp before the
-    sum over that group: exactly megads' expert gradient (sum over EDP / dp). `model_parallel`
-    makes every TP rank count its expert shards in the global norm (they are distinct experts).
-    """
-    from deepspeed.utils import groups
-    experts = [p for p in model.parameters() if is_expert(p)]
-    if not experts:
-        return False
-    name = f"ep_size_{mesh.ep}"
-    groups._EXPERT_PARALLEL_GROUP[name] = mesh.process_group("ep")
-    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = mesh.ranks["ep"]
-    groups._EXPERT_DATA_PARALLEL_GROUP[name] = mesh.process_group("edp")
-    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = mesh.ranks["edp"]
-    for p in experts:
-        p.allreduce, p.group_name, p.model_parallel = False, name, True
-    for group in optimizer.param_groups:
-        if group.get("expert"):
-            group.update(moe=True, name=name)
-    return True
-
-
-def quiet_deepspeed(device: torch.device) -> None:
-    """Keep DeepSpeed from printing what is not news to a megads user; call before DeepSpeed is imported."""
-    if device.type == "cpu":
-        # DeepSpeed picks its accelerator when first imported and, finding no GPU, warns once per
-        # rank that it fell back to the CPU; megads trains on the CPU here, so it says so.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # ZeRO-1/2 all-gather the updated partitions with torch.distributed.all_gather_into_tensor
-    # (deepspeed.comm's TorchBackend.all_gather_function, DeepSpeed 0.19), which torch 2.13
-    # deprecates with a FutureWarning per rank. megads itself calls the new name (parallel/tensor.py).
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
-
-
 class DeepSpeedOptimizer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, cfg: Config):
         quiet_deepspeed(next(model.parameters()).device)
         import deepspeed
-        from deepspeed.moe.layer import MoE as DeepSpeedMoE
-        from deepspeed.runtime import engine as ds_engine
         self.mesh = mesh
-        has_experts = register_expert_groups(model, optimizer, mesh)
-        # DeepSpeed switches its MoE handling on when it finds its own MoE class in the model;
-        # megads' MoE layer stands in for it while the engine is built.
-        moe_classes = (DeepSpeedMoE, MoE) if has_experts else DeepSpeedMoE
-        # On CPU, DeepSpeed's comm backend prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built
-        # successfully" on every rank as it starts. The redirect takes bare prints only: DeepSpeed's logger
-        # holds the real stdout, so its warnings still show.
-        with mock.patch.object(ds_engine, "MoE", moe_classes), contextlib.redirect_stdout(io.StringIO()):
+        experts = [p for p in model.parameters() if is_expert(p)]
+        if experts:
+            register_expert_groups(experts, optimizer, mesh)
+        with megads_moe_recognised(MoE if experts else None):
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=deepspeed_config(cfg, mesh), mpu=MeshMPU(mesh),
                 dist_init_required=False)
