@@ -63,8 +63,9 @@ def main(argv: list[str] | None, stage: Stage) -> int:
     except ConfigError as err:          # met by this rank alone: the run directory (rank 0), a reward plug-in
         print(f"megads: error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteError as err:
-        print(f"megads: error: {err}", file=sys.stderr)
+    except NonFiniteError as err:       # agreed: every rank stops after the same step
+        if rank == 0:
+            print(f"megads: error: {err}", file=sys.stderr)
         return 3
     finally:
         if dist.is_initialized():
