@@ -89,7 +89,7 @@ def dense_gemms(backend, x, w, gy):
 
 
 def grouped_gemms(backend, x, w, gy, counts):
-    rows, (e, n, k) = x.shape[0], w.shape
+    rows, (_, n, k) = x.shape[0], w.shape
     layout = backend.group_layout(counts, rows)
     x_rows, x_cols = backend.quantize_act(x, True, True, layout)
     w_q, w_t = backend.quantize_weight(w, True, True)

@@ -1,4 +1,4 @@
-"""megads' grouped expert GEMM (`GroupedExperts.grouped_gemm`, torch._grouped_mm on Hopper) on
+"""megads' grouped expert GEMM (`grouped_linear`, the default `ExpertsStrategy.gemm`; torch._grouped_mm on Hopper) on
 the v3-16b expert shape, one GPU: correctness against the per-expert loop and speed against a
 plain bf16 matmul of the same FLOPs.
 

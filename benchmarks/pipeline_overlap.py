@@ -40,9 +40,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")      # cuBLAS under deterministic algorithms (the check)
 
-from megads.config import ModelConfig, ParallelConfig                          # noqa: E402
-from megads.model.deepseek_v3 import DeepSeekV3                                # noqa: E402
-from megads.parallel.expert import parallelize_experts                         # noqa: E402
+from megads.config import Config, ModelConfig, ParallelConfig                  # noqa: E402
+from megads.parallel.builder import build_model                                # noqa: E402
 from megads.parallel.mesh import build_mesh                                    # noqa: E402
 from megads.parallel.pipeline.overlap import Chain, Streams, overlapped_forward_backward, run_all  # noqa: E402
 from megads.parallel.pipeline.pieces import backward_steps, forward_steps, under_autocast      # noqa: E402
@@ -63,12 +62,11 @@ class Bench:
         self.cfg = ModelConfig(**shape, num_layers=args.layers, first_k_dense=0,
                                max_position_embeddings=max(4096, args.seq_len))
         self.device = device
-        model = DeepSeekV3(self.cfg)
-        model.init_weights(torch.Generator().manual_seed(0))
-        parallelize_experts(model, build_mesh(ParallelConfig(ep=dist.get_world_size())), sequence_parallel=False)
+        parallel = ParallelConfig(ep=dist.get_world_size())
+        model = build_model(Config(model=self.cfg, parallel=parallel), build_mesh(parallel), device).model
         for moe in model.moe_layers():
             moe.balance_alpha = 1e-4
-        self.model = model.to(device)
+        self.model = model
         self.cos, self.sin = model.rope(args.seq_len, device)
         g = torch.Generator().manual_seed(1 + dist.get_rank())
         size = (args.micro_batch, args.seq_len, self.cfg.hidden_size)

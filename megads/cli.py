@@ -10,6 +10,7 @@ a data file, a checkpoint, the run directory), 3 non-finite training, 75 preempt
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -21,7 +22,8 @@ import torch.distributed as dist
 from megads.checkpoint import CheckpointError
 from megads.config import Config, ConfigError, load_config
 from megads.data import PreparedData, prepare_data
-from megads.parallel.mesh import Mesh, build_mesh
+from megads.parallel.mesh import Mesh, build_mesh, layout_mesh
+from megads.parallel.plan import plan_layout
 from megads.train.launcher_watch import exit_with_launcher
 from megads.train.loop import NonFiniteError, TrainingLoop
 from megads.train.preemption import PreemptionSignals
@@ -44,6 +46,8 @@ def main(argv: list[str] | None, stage: Stage) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(stage.usage)
         return 0 if argv else 2
+    if "--print-plan" in argv:
+        return print_plan([a for a in argv if a != "--print-plan"])
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if rank != 0:
         logging.getLogger("megads").setLevel(logging.WARNING)
@@ -75,6 +79,29 @@ def main(argv: list[str] | None, stage: Stage) -> int:
     if rank == 0:
         print(stage.summarize(result["metrics"]))
         print(f"run directory: {result['run_dir']}")
+    return 0
+
+
+def print_plan(argv: list[str]) -> int:
+    """`CONFIG --print-plan [--world-size N] [section.key=value ...]`: the parallel plan of the
+    layout the config asks for (parallel/plan.py), without starting any process. The world size is
+    the smallest the layout allows (pp x lcm(tp, ep): one data-parallel replica, or as many as
+    expert parallelism needs) unless --world-size gives it."""
+    world_size = None
+    if "--world-size" in argv:
+        i = argv.index("--world-size")
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if not value.isdigit() or int(value) < 1:
+            return refuse(ValueError(f"--world-size needs a number of ranks, got {value!r}"), 0)
+        world_size, argv = int(value), argv[:i] + argv[i + 2:]
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        p = cfg.parallel
+        world_size = world_size or p.pp * math.lcm(p.tp, p.ep)
+        cfg.validate(world_size=world_size)
+        print(plan_layout(cfg, layout_mesh(p, world_size)).table())
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        return refuse(err, 0)
     return 0
 
 

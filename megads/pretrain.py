@@ -9,7 +9,7 @@ from megads import cli
 from megads.config import Config
 from megads.data import PreparedData, check_data_fits
 from megads.parallel.data import deepspeed_config
-from megads.parallel.mesh import Mesh
+from megads.parallel.mesh import layout_mesh
 from megads.train.trainer import Trainer
 
 
@@ -31,8 +31,7 @@ def summarize(metrics_path: str) -> str:
 def check(cfg: Config, world_size: int, data: PreparedData) -> None:
     """The DeepSpeed settings megads generates for this layout, and enough data for one global batch."""
     if cfg.parallel.deepspeed_config:
-        p = cfg.parallel
-        deepspeed_config(cfg, Mesh(world_size, tp=p.tp, pp=p.pp, ep=p.ep, dp=world_size // (p.tp * p.pp)))
+        deepspeed_config(cfg, layout_mesh(cfg.parallel, world_size))
     check_data_fits(data, cfg.data, cfg.train.seq_len, cfg.train.global_batch)
 
 

@@ -27,6 +27,7 @@ from megads.checkpoint.optimizer import adam_step, moments
 from megads.config import load_config
 from megads.data import prepare_data
 from megads.model.deepseek_v3 import DeepSeekV3
+from megads.parallel.builder import build_model
 from megads.parallel.data import LocalOptimizer
 from megads.parallel.mesh import Mesh, build_mesh
 from megads.train.optim import build_optimizer
@@ -157,12 +158,13 @@ TINY = ["parallel.tp=1", "model.hidden_size=32", "model.num_layers=2", "model.in
         "model.v_head_dim=8", "model.vocab_size=64", "model.num_heads=2"]
 
 
-def tiny_model(*overrides):
-    cfg = load_config("configs/tiny.yaml", TINY + list(overrides)).validate(1)
-    torch.manual_seed(0)
-    model = DeepSeekV3(cfg.model)
-    model.init_weights()
-    return model, LocalOptimizer(model, build_optimizer(model, cfg.train, torch.device("cpu")), Mesh(), 1.0)
+def tiny_model(*overrides, mesh=None):
+    """The tiny model (seed 0) on `mesh` (one process by default) and its local optimizer, which
+    holds the model's parallel plan."""
+    cfg = load_config("configs/tiny.yaml", TINY + ["train.seed=0", *overrides]).validate(1)
+    built = build_model(cfg, mesh or Mesh(), torch.device("cpu"))
+    optimizer = build_optimizer(built.model, built.plan, cfg.train, torch.device("cpu"))
+    return built.model, LocalOptimizer(built.model, optimizer, built.plan, 1.0)
 
 
 def save_tiny(ckpt_dir, step=1, keep_last=2):
@@ -170,7 +172,7 @@ def save_tiny(ckpt_dir, step=1, keep_last=2):
     tokens = torch.randint(0, 64, (2, 9))
     model(tokens[:, :-1], tokens[:, 1:], 0.3).loss.backward()
     stepper.step()
-    return save_checkpoint(str(ckpt_dir), step, model, stepper, Mesh(), {"step": step}, keep_last,
+    return save_checkpoint(str(ckpt_dir), step, model, stepper, stepper.plan, {"step": step}, keep_last,
                            {"model_config": dataclasses.asdict(model.cfg)})
 
 
@@ -184,7 +186,7 @@ def test_keep_last_latest_and_exact_round_trip(tmp_path):
     source, _ = tiny_model()
     load_model_weights(paths[-1], source)
     from megads.checkpoint import load_checkpoint
-    assert load_checkpoint(str(tmp_path), model, stepper, Mesh()) == {"step": 3}
+    assert load_checkpoint(str(tmp_path), model, stepper, stepper.plan) == {"step": 3}
     for (name, a), b in zip(model.state_dict().items(), source.state_dict().values()):
         assert torch.equal(a, b), name
     reader = CheckpointReader(paths[-1])

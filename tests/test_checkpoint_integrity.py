@@ -29,7 +29,6 @@ from megads.checkpoint.format import INDEX, TRAINER_STATE, CheckpointReader, Pie
     write_index
 from megads.checkpoint.layout import model_pieces
 from megads.parallel.mesh import Mesh
-from megads.parallel.tensor import parallelize_tensor
 from test_checkpoint import tiny_model
 
 PIECES = "rank00000-0.safetensors"        # the one piece file of a single-process save
@@ -42,13 +41,13 @@ def save(ckpt_dir, step=1, keep_last=2):
     model(tokens[:, :-1], tokens[:, 1:], 0.3).loss.backward()
     stepper.step()
     state = {"step": step, "rng": torch.get_rng_state()}
-    return save_checkpoint(str(ckpt_dir), step, model, stepper, Mesh(), state, keep_last,
+    return save_checkpoint(str(ckpt_dir), step, model, stepper, stepper.plan, state, keep_last,
                            {"model_config": model.cfg.__dict__})
 
 
 def load(path, **options):
     model, stepper = tiny_model()
-    return load_checkpoint(path, model, stepper, Mesh(), **options), model, stepper
+    return load_checkpoint(path, model, stepper, stepper.plan, **options), model, stepper
 
 
 def refused(call, *names) -> str:
@@ -201,7 +200,7 @@ def test_weights_only_loads_weights_at_step_zero(tmp_path):
     converted = tmp_path / "converted"
     converted.mkdir()
     writer = PieceWriter(str(converted), "model")
-    for piece in model_pieces(model, Mesh()):
+    for piece in model_pieces(model, stepper.plan):
         writer.add(piece)
     writer.flush()
     write_index(str(converted), writer.files, writer.tensors, {"step": 0, "adam_step": 0})
@@ -220,9 +219,9 @@ def test_truncated_index_names_its_path(tmp_path):
 
 def _load_on_rank(rank, world_size, path):
     """Load `path` on this rank of a data-parallel run; the error message, or None."""
-    model, stepper = tiny_model()
+    model, stepper = tiny_model(mesh=Mesh(world_size=world_size, rank=rank, dp=world_size))
     try:
-        load_checkpoint(path, model, stepper, Mesh(world_size=world_size, rank=rank, dp=world_size))
+        load_checkpoint(path, model, stepper, stepper.plan)
     except CheckpointError as err:
         return str(err)
     return None
@@ -258,12 +257,12 @@ def test_space_check_counts_what_retention_frees(tmp_path, monkeypatch):
     save(used, 1)
     save(used, 2)
     with_free_space(monkeypatch, int(1.5 * one))
-    check_checkpoint_space(used, model, stepper, Mesh(), keep_last=2)
-    message = refused(lambda: check_checkpoint_space(empty, model, stepper, Mesh(), keep_last=2),
+    check_checkpoint_space(used, model, stepper, stepper.plan, keep_last=2)
+    message = refused(lambda: check_checkpoint_space(empty, model, stepper, stepper.plan, keep_last=2),
                       empty, "checkpoint.keep_last=2", "MiB more")
     assert re.search(r"free \d+\.\d MiB on that filesystem", message)
     with_free_space(monkeypatch, 4 * one)
-    check_checkpoint_space(empty, model, stepper, Mesh(), keep_last=2)
+    check_checkpoint_space(empty, model, stepper, stepper.plan, keep_last=2)
     with_free_space(monkeypatch, one // 2)             # the save itself checks that one more fits
     refused(lambda: save(used, 3), used, "step_00000002 is still the latest")
     assert sorted(os.listdir(used)) == ["latest", "step_00000001", "step_00000002"]
@@ -288,13 +287,11 @@ def test_disk_full_while_saving_cleans_up(tmp_path, monkeypatch, failing):
 
 def _save_tp2_with_a_full_disk_on_rank_1(rank, world_size, ckpt_dir):
     """Save the tiny model under TP=2 (each rank writes its shards), the disk full for rank 1 only."""
-    model, stepper = tiny_model()
-    mesh = Mesh(world_size=world_size, rank=rank, tp=world_size)
-    parallelize_tensor(model, mesh, sequence_parallel=False)
+    model, stepper = tiny_model(mesh=Mesh(world_size=world_size, rank=rank, tp=world_size))
     if rank == 1:
         checkpoint_format.save_file = _disk_full
     try:
-        save_checkpoint(ckpt_dir, 2, model, stepper, mesh, {"step": 2}, 2, {"model_config": model.cfg.__dict__})
+        save_checkpoint(ckpt_dir, 2, model, stepper, stepper.plan, {"step": 2}, 2, {"model_config": model.cfg.__dict__})
     except CheckpointError as err:
         return str(err)
     return None

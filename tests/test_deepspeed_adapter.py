@@ -43,3 +43,17 @@ def test_the_deprecated_collective_deepspeed_calls_is_the_one_filtered():
     torch_backend = importlib.import_module("deepspeed.comm.torch")      # the package also binds `torch`
     assert "all_gather_into_tensor" in inspect.getsource(torch_backend.TorchBackend)
     assert hasattr(torch.distributed, "all_gather_into_tensor")
+
+
+def test_zero_reads_placement_from_the_attributes_megads_writes():
+    """ZeRO's gradient norm counts a parameter on every TP rank when `model_parallel` is set and
+    skips it when `ds_pipe_replicated` is (deepspeed.runtime.utils, zero/stage_1_and_2)."""
+    from deepspeed.runtime import utils
+    from deepspeed.runtime.constants import PIPE_REPLICATED
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    p = torch.nn.Parameter(torch.zeros(2))
+    assert not utils.is_model_parallel_parameter(p)
+    p.model_parallel = True
+    assert utils.is_model_parallel_parameter(p)
+    assert PIPE_REPLICATED == "ds_pipe_replicated"
+    assert "ds_pipe_replicated" in inspect.getsource(DeepSpeedZeroOptimizer)

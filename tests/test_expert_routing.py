@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megads.config import ModelConfig, ParallelConfig
-from megads.model.moe import MoE, grouped_linear
-from megads.parallel.expert import parallelize_experts
+from megads.config import Config, ModelConfig, ParallelConfig
+from megads.model.moe import grouped_linear
+from megads.parallel.builder import build_model
 from megads.parallel.mesh import build_mesh
 from tests.distributed import run_ranks
 
@@ -50,12 +50,11 @@ def _node_limited_main(rank, world_size, n_group, topk_group):
     torch.manual_seed(0)
     top_k = min(4, topk_group * 8 // n_group)            # no more than the kept groups hold (config validation)
     cfg = ModelConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=0,
-                      num_experts_per_tok=top_k, n_group=n_group, topk_group=topk_group, first_k_dense=0, num_layers=1)
-    moe = MoE(cfg)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    mesh = build_mesh(ParallelConfig(ep=world_size))
-    parallelize_experts(moe, mesh, sequence_parallel=False)
+                      num_experts_per_tok=top_k, n_group=n_group, topk_group=topk_group, first_k_dense=0, num_layers=1,
+                      mtp_depth=0, init_std=0.5)
+    parallel = ParallelConfig(ep=world_size)
+    moe = build_model(Config(model=cfg, parallel=parallel), build_mesh(parallel), torch.device("cpu")).model.layers["0"].mlp
+    exchange = moe.experts.strategy.exchange
     torch.manual_seed(1 + rank)
     x = torch.randn(2, 64, 32)
     ids, _, _ = moe.gate(x.view(-1, 32))
@@ -63,8 +62,8 @@ def _node_limited_main(rank, world_size, n_group, topk_group):
     # a node is a group's block of ranks, or one rank when it holds several groups
     nodes_of_token = ids // (8 // min(world_size, n_group))                  # expert -> node, [t, k]
     distinct = torch.tensor([len(set(row.tolist())) for row in nodes_of_token])
-    return {"recorded": int(moe.experts.max_nodes_per_token), "counted": int(distinct.max()),
-            "experts_per_node": moe.experts.experts_per_node}
+    return {"recorded": int(exchange.stats.max_nodes_per_token), "counted": int(distinct.max()),
+            "experts_per_node": exchange.experts_per_node}
 
 
 @pytest.mark.parametrize("ep, n_group, topk_group", [(4, 2, 1), (4, 4, 2), (4, 2, 2), (2, 4, 1), (2, 4, 2)])

@@ -12,14 +12,15 @@ import torch.nn.functional as F
 
 from megads.config import ConfigError, load_config
 from megads.data import prepare_data
-from megads.fp8 import (FP8Gemm, FP8GroupedGemm, FP8Recipe, apply_fp8, dequantize, fp8_weight_grad,
+from megads.fp8 import (FP8Gemm, FP8GroupedGemm, FP8Recipe, dequantize, fp8_weight_grad,
                         quantize_blocks, quantize_tiles)
 from megads.fp8.dispatch import fp8_all_to_all
 from megads.fp8.emulated import EmulatedBackend
 from megads.fp8.quant import E4M3_MAX, round_up
-from megads.model.deepseek_v3 import DeepSeekV3
 from megads.model.layers import Linear
 from megads.model.moe import GroupedExperts
+from megads.parallel.builder import build_model
+from megads.parallel.mesh import Mesh
 from megads.parallel.pipeline.zero_bubble import WeightGradStore
 from megads.train.trainer import Trainer
 
@@ -277,29 +278,31 @@ def test_shared_input_is_quantised_once(grouped, autocast):
 
 # ----------------------------------------------------------------------------- the model hooks
 
-def test_apply_fp8_hooks_the_right_modules():
-    cfg = load_config("configs/tiny.yaml", ["parallel.tp=1", "fp8.enabled=true", "fp8.exclude=['layers.0.self_attn.*']"])
-    model = DeepSeekV3(cfg.model)
-    apply_fp8(model, cfg.fp8)
+def built(cfg):
+    return build_model(cfg, Mesh(), torch.device("meta"), initialise=False).model
+
+
+def test_fp8_reaches_the_right_modules():
+    model = built(load_config("configs/tiny.yaml", ["parallel.tp=1", "fp8.enabled=true",
+                                                    "fp8.exclude=['layers.0.self_attn.*']"]))
     kept = {"lm_head", "mtp.0.eh_proj"} | {f"layers.0.self_attn.{p}" for p in
                                            ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")}
     linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
     assert kept <= linears.keys()
     for name, module in linears.items():
-        assert (module.gemm is F.linear) == (name in kept), name
+        assert (module.strategy.gemm is F.linear) == (name in kept), name
     experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
-    assert len(experts) == 4 and all(isinstance(m.grouped_gemm, FP8GroupedGemm) for m in experts)
+    assert len(experts) == 4 and all(isinstance(m.strategy.gemm, FP8GroupedGemm) for m in experts)
 
-    untouched = DeepSeekV3(load_config("configs/tiny.yaml", ["parallel.tp=1"]).model)
-    apply_fp8(untouched, load_config("configs/tiny.yaml").fp8)         # fp8.enabled is false there
-    assert all(m.gemm is F.linear for m in untouched.modules() if isinstance(m, Linear))
+    untouched = built(load_config("configs/tiny.yaml", ["parallel.tp=1"]))         # fp8.enabled is false there
+    assert all(m.strategy.gemm is F.linear for m in untouched.modules() if isinstance(m, Linear))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is present")
 def test_torch_backend_is_refused_without_hopper():
     cfg = load_config("configs/tiny.yaml", ["fp8.enabled=true", "fp8.backend=torch"])
     with pytest.raises(ValueError, match=r"fp8\.backend=torch needs a Hopper GPU.*use fp8\.backend=emulated"):
-        apply_fp8(DeepSeekV3(cfg.model), cfg.fp8)
+        built(cfg)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -338,7 +341,7 @@ def train_tiny(tmp_path, data_cache, fp8, steps=STEPS, extra=()):
                  f"data.cache_dir={data_cache}", f"train.run_dir={tmp_path / str(fp8)}", f"fp8.enabled={fp8}", *extra]
     cfg = load_config("configs/tiny.yaml", overrides).validate(world_size=1)
     trainer = Trainer(cfg, prepare_data(cfg.data, cfg.model.vocab_size))       # applies FP8 when enabled
-    hooked = [m.gemm for m in trainer.model.modules() if isinstance(m, Linear)]
+    hooked = [m.strategy.gemm for m in trainer.model.modules() if isinstance(m, Linear)]
     assert any(isinstance(g, FP8Gemm) for g in hooked) == (fp8 == "true")
     losses = []
     for _ in range(steps):
@@ -356,7 +359,7 @@ def test_weight_cache_in_training_is_exact(tmp_path, data_cache):
     cached, trainer = train_tiny(tmp_path, data_cache, "true", 3, accumulate)
     uncached, _ = train_tiny(tmp_path, data_cache, "true", 3, accumulate + ["fp8.cache_weights=false"])
     assert cached == uncached
-    fp8_weights = sum(isinstance(m.gemm, FP8Gemm) for m in trainer.model.modules() if isinstance(m, Linear)) \
+    fp8_weights = sum(isinstance(m.strategy.gemm, FP8Gemm) for m in trainer.model.modules() if isinstance(m, Linear)) \
         + 3 * sum(isinstance(m, GroupedExperts) for m in trainer.model.modules())
     assert trainer.fp8_recipe.weights.quantized == 3 * fp8_weights
     assert not trainer.fp8_recipe.weights.entries                      # cleared by the optimizer step
@@ -450,7 +453,7 @@ def _dispatch_training_rank(rank, world_size, cache, dispatch):
     cfg = make_config(cache, ["parallel.ep=2", "parallel.zero_stage=0", "fp8.enabled=true",
                               f"fp8.dispatch={dispatch}"], world_size)
     trainer = Trainer(cfg, prepare_data(cfg.data, cfg.model.vocab_size), build_mesh(cfg.parallel))
-    hooks = [m.send_rows for m in trainer.model.modules() if hasattr(m, "send_rows")]
+    hooks = [m.strategy.exchange.send_rows for m in trainer.model.modules() if isinstance(m, GroupedExperts)]
     sent_in_fp8 = [isinstance(h, functools.partial) and h.func is fp8_all_to_all for h in hooks]
     results = [trainer.train_step(trainer.train_batches.next_step()) for _ in range(2)]
     return {"hooks": sent_in_fp8, "losses": [r.loss for r in results], "grad_norms": [r.grad_norm for r in results]}

@@ -23,7 +23,7 @@ from megads.checkpoint.convert import from_hf, reshard, to_hf
 from megads.checkpoint.hf import config_from_metadata, dequantise_weight, hf_config, model_config, quantise_weight
 from megads.config import ModelConfig
 from megads.model.deepseek_v3 import DeepSeekV3
-from megads.parallel.mesh import Mesh
+from megads.parallel.plan import whole_model_plan
 
 CONFIG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=3, first_k_dense=1, intermediate_size=128,
                      moe_intermediate_size=32, num_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=32,
@@ -50,7 +50,7 @@ def exported(tmp_path_factory):
                 p.uniform_(0.5, 1.5)                                  # norms: not all ones
         for moe in model.moe_layers():
             moe.gate.e_score_correction_bias.normal_(0.0, 0.05)       # selection differs from the scores
-    ckpt = save_checkpoint(str(root / "megads"), 7, model, NoOptimizer(), Mesh(), {"step": 7}, keep_last=1,
+    ckpt = save_checkpoint(str(root / "megads"), 7, model, NoOptimizer(), whole_model_plan(model), {"step": 7}, keep_last=1,
                            metadata={"model_config": CONFIG.__dict__})
     return root, model, ckpt
 

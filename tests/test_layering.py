@@ -88,3 +88,57 @@ def test_config_imports_no_other_megads_module():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# ----------------------------------------------------------------------------- declared behaviour
+
+PLACEMENT_TAGS = {"tensor_model_parallel", "partition_dim", "expert_parallel", "expert_offset", "pipeline_mirror",
+                  "ds_pipe_replicated", "model_parallel", "sequence_parallel"}
+
+
+def megads_sources() -> dict[str, ast.AST]:
+    return {str(p.relative_to(PACKAGE.parent)): ast.parse(p.read_text()) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def attribute_uses(tree: ast.AST) -> list[tuple[str, bool, ast.AST]]:
+    """(attribute name, assigned?, node) of every `x.name` and `getattr / setattr / hasattr(x, "name")`."""
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            uses.append((node.attr, isinstance(node.ctx, ast.Store), node))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in ("getattr", "setattr", "hasattr") and len(node.args) >= 2 \
+                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+            uses.append((node.args[1].value, node.func.id == "setattr", node))
+    return uses
+
+
+def test_no_placement_tag_on_a_tensor_and_no_class_swap():
+    """Placement lives in the parallel plan. The only tensor attributes megads writes are the ones
+    DeepSpeed reads (its adapter); it reads none; no object's class is swapped."""
+    found = []
+    for path, tree in megads_sources().items():
+        for name, stored, node in attribute_uses(tree):
+            if name == "__class__" and stored:
+                found.append(f"{path}:{node.lineno} assigns __class__")
+            elif name in PLACEMENT_TAGS and not (stored and path == "megads/parallel/deepspeed_adapter.py"):
+                if not (path == "megads/config.py" or (name == "sequence_parallel" and not stored)):
+                    found.append(f"{path}:{node.lineno} {'writes' if stored else 'reads'} {name}")
+    assert found == []
+
+
+def test_layers_get_their_strategy_from_the_builder_only():
+    """A layer's `strategy` is assigned in its own constructor (the single-process default) and
+    otherwise only by the model builder; nothing in megads/ imports unittest.mock."""
+    found = []
+    for path, tree in megads_sources().items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                found += [f"{path}:{node.lineno} imports {n}" for n in names if n and n.startswith("unittest")]
+        for name, stored, node in attribute_uses(tree):
+            if name == "strategy" and stored and path != "megads/parallel/builder.py" \
+                    and not (path.startswith("megads/model/") and isinstance(node, ast.Attribute)
+                             and isinstance(node.value, ast.Name) and node.value.id == "self"):
+                found.append(f"{path}:{node.lineno} sets a strategy")
+    assert found == []

@@ -35,36 +35,31 @@ def make_config(cache, overrides, world_size):
     return load_config("configs/tiny.yaml", SMALL + [f"data.cache_dir={cache}", *overrides]).validate(world_size)
 
 
-def unshard(tensor, param, mesh):
+def unshard(tensor, placement, plan):
     """The full tensor of a TP or EP shard (gathered along its split dimension)."""
-    for flag, group, dim in (("partition_dim", "tp", getattr(param, "partition_dim", 0)), ("expert_parallel", "ep", 0)):
-        if getattr(param, flag, None) is not None and mesh.size(group) > 1:
-            parts = [torch.empty_like(tensor) for _ in range(mesh.size(group))]
-            dist.all_gather(parts, tensor.contiguous(), group=mesh.group(group))
+    for split, group, dim in ((placement.tp_dim is not None, "tp", placement.tp_dim), (placement.expert, "ep", 0)):
+        if split:
+            parts = [torch.empty_like(tensor) for _ in range(plan.mesh.size(group))]
+            dist.all_gather(parts, tensor.contiguous(), group=plan.mesh.group(group))
             tensor = torch.cat(parts, dim=dim)
     return tensor
 
 
-def canonical(name):
-    """Names without the expert-parallel wrapper's `.local`."""
-    return name.replace("experts.local.", "experts.")
+def full_tensors(model, plan) -> dict:
+    return {name: unshard(t, plan.of(t), plan).detach().clone() for name, t in model.state_dict(keep_vars=True).items()}
 
 
-def full_tensors(model, mesh) -> dict:
-    params = dict(model.named_parameters())
-    return {canonical(name): unshard(t, params.get(name), mesh).detach().clone() for name, t in model.state_dict().items()}
-
-
-def full_gradients(model, mesh) -> dict:
+def full_gradients(model, plan) -> dict:
     from megads.parallel.data import average_gradients
     named = [(n, p) for n, p in model.named_parameters()]
-    average_gradients(named, mesh)
-    return {canonical(name): unshard(p.grad, p, mesh) for name, p in named}
+    average_gradients(named, plan)
+    return {name: unshard(p.grad, plan.of(p), plan) for name, p in named}
 
 
 def first_step_gradients(cfg, data, mesh) -> dict:
     """Gradients of the first global batch from a plain (non-DeepSpeed) copy of the parallel model."""
-    model = build_model(cfg, mesh, torch.device("cpu")).model
+    built = build_model(cfg, mesh, torch.device("cpu"))
+    model = built.model
     for moe in model.moe_layers():
         moe.balance_alpha = cfg.train.seq_aux_alpha
     t = cfg.train
@@ -73,7 +68,7 @@ def first_step_gradients(cfg, data, mesh) -> dict:
     with balance_loss_scale(1.0 / len(batches)):
         for batch in batches:
             (model(batch[:, :-1], batch[:, 1:], 0.3).loss / len(batches)).backward()
-    return full_gradients(model, mesh)
+    return full_gradients(model, built.plan)
 
 
 def router_biases(model) -> dict:
@@ -106,7 +101,7 @@ def train(cfg, data, mesh) -> dict:
         trainer.step += 1
     return {"losses": [(s.loss, s.lm_loss, s.mtp_loss, s.balance_loss) for s in steps],
             "grad_norms": [s.grad_norm for s in steps], "skipped": [s.skipped for s in steps],
-            "grads": grads, "weights": full_tensors(trainer.model, mesh), "biases": router_biases(trainer.model)}
+            "grads": grads, "weights": full_tensors(trainer.model, trainer.plan), "biases": router_biases(trainer.model)}
 
 
 def _rank_main(rank, world_size, cache, overrides):
@@ -171,13 +166,13 @@ def test_parity_with_single_process(reference, data_cache, world_size, overrides
 def _vocab_ce_main(rank, world_size):
     from megads.parallel.mesh import build_mesh as build
     from megads.config import ParallelConfig
-    from megads.parallel.tensor import vocab_parallel_cross_entropy
+    from megads.parallel.tensor import VocabParallelLoss
     mesh = build(ParallelConfig(tp=world_size))
     torch.manual_seed(0)
     logits = (torch.randn(6, 12) * 5).requires_grad_()
     targets = torch.tensor([0, 3, 5, 6, 11, 7])
     shard = logits.detach().chunk(world_size, dim=1)[rank].clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(shard, targets, rank * shard.shape[1], mesh.group("tp"))
+    loss = VocabParallelLoss(rank * shard.shape[1], mesh.group("tp"))(shard, targets)
     weights = torch.arange(1.0, 7.0)
     (loss * weights).sum().backward()
     expected = torch.nn.functional.cross_entropy(logits, targets, reduction="none")

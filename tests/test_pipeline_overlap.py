@@ -9,12 +9,11 @@ import torch
 
 from distributed import run_ranks
 from test_parallel_core import assert_close
-from megads.config import ModelConfig, ParallelConfig
+from megads.config import Config, ModelConfig, ParallelConfig
 from megads.model.block import DecoderLayer, Piece
-from megads.model.deepseek_v3 import DeepSeekV3
 from megads.model.moe import balance_loss_scale
 from megads.model.rope import rope_cos_sin
-from megads.parallel.expert import parallelize_experts
+from megads.parallel.builder import build_model
 from megads.parallel.mesh import build_mesh
 from megads.parallel.pipeline.executor import PipelineExecutor
 from megads.parallel.pipeline.overlap import Chain, Streams, overlapped_forward_backward, plan_slots, run_all
@@ -156,10 +155,8 @@ def _fb_main(rank, world_size):
     """One stage holding the whole model (embedding, a dense and two MoE layers, head, MTP) with
     its experts over EP=2; two micro-batches per rank."""
     cfg = ModelConfig(**CFG, num_layers=3, first_k_dense=1, mtp_depth=1)
-    model = DeepSeekV3(cfg)
-    model.init_weights(torch.Generator().manual_seed(0))
-    mesh = build_mesh(ParallelConfig(ep=world_size))
-    parallelize_experts(model, mesh, sequence_parallel=False)
+    parallel = ParallelConfig(ep=world_size)
+    model = build_model(Config(model=cfg, parallel=parallel), build_mesh(parallel), torch.device("cpu")).model
     for moe in model.moe_layers():
         moe.balance_alpha = 0.01
     g = torch.Generator().manual_seed(10 + rank)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from distributed import run_ranks
-from test_parallel_core import STEPS, assert_close, canonical, make_config, steps_with_first_gradients, train, unshard
+from test_parallel_core import STEPS, assert_close, make_config, steps_with_first_gradients, train, unshard
 from megads.data import prepare_data
 from megads.parallel.mesh import build_mesh
 from megads.train.trainer import Trainer
@@ -18,26 +18,25 @@ from megads.train.trainer import Trainer
 PIPE = ["model.num_layers=4", "train.micro_batch=1"]     # 8 micro-batches per step on one process
 
 
-def _gathered(mesh, model, tensors: dict) -> dict:
+def _gathered(plan, model, tensors: dict) -> dict:
     """name -> full tensor (TP/EP shards gathered), with ' (mirror)' appended for mirrored copies."""
-    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    held = model.state_dict(keep_vars=True)
     out = {}
     for name, t in tensors.items():
-        p = params.get(name)
-        key = canonical(name) + (" (mirror)" if getattr(p, "pipeline_mirror", False) else "")
-        out[key] = unshard(t, p, mesh).detach().clone()
+        key = name + (" (mirror)" if plan.is_mirror(held[name]) else "")
+        out[key] = unshard(t, plan.of(held[name]), plan).detach().clone()
     return out
 
 
-def _dp_mean_copy(model, mesh) -> dict:
+def _dp_mean_copy(model, plan) -> dict:
     """The step's gradients as the optimizer will see them (mean over DP), without touching .grad."""
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad.clone()
-        group = mesh.group("edp" if getattr(p, "expert_parallel", False) else "dp")
+        group = plan.mesh.group(plan.of(p).grad_group)
         if group is not None:
             dist.all_reduce(g, group=group)
-        grads[name] = g / mesh.dp
+        grads[name] = g / plan.mesh.dp
     return grads
 
 
@@ -47,9 +46,9 @@ def _rank_main(rank, world_size, cache, overrides):
     mesh = build_mesh(cfg.parallel)
     trainer = Trainer(cfg, data, mesh)
     valid = trainer.evaluate()
-    results, captured = steps_with_first_gradients(trainer, STEPS, lambda: _dp_mean_copy(trainer.model, mesh))
-    grads = _gathered(mesh, trainer.model, captured)
-    weights = _gathered(mesh, trainer.model, trainer.model.state_dict())
+    results, captured = steps_with_first_gradients(trainer, STEPS, lambda: _dp_mean_copy(trainer.model, trainer.plan))
+    grads = _gathered(trainer.plan, trainer.model, captured)
+    weights = _gathered(trainer.plan, trainer.model, trainer.model.state_dict())
     keep = mesh.dp_rank == 0 and mesh.tp_rank == 0
     return {"deferred": trainer.pipeline.store.deferred, "valid": valid, "losses": [(s.loss, s.lm_loss, s.mtp_loss, s.balance_loss) for s in results],
             "grad_norms": [s.grad_norm for s in results], "skipped": [s.skipped for s in results],

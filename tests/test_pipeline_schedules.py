@@ -14,7 +14,7 @@ from megads.model.moe import GroupedExperts
 from megads.parallel.pipeline.placement import even_split, parse_layout
 from megads.parallel.pipeline.schedules import Action, Schedule, build_schedule
 from megads.parallel.pipeline.simulator import ScheduleError, Times, simulate
-from megads.parallel.pipeline.zero_bubble import WeightGradStore, defer_weight_gradients
+from megads.parallel.pipeline.zero_bubble import WeightGradStore, deferred_strategies
 
 GRID = [("1f1b", pp, m) for pp in (2, 3, 4, 8) for m in (1, pp, 2 * pp + 1)] + \
        [("dualpipe", pp, m) for pp in (2, 4, 6, 8) for m in (2 * pp, 2 * pp + 2, 3 * pp + 2 * (pp % 2 == 0))] + \
@@ -145,7 +145,8 @@ def plain_and_deferred(n_in: int, n_out: int):
     plain, deferred = Linear(n_in, n_out), Linear(n_in, n_out)
     plain.weight.data.normal_()
     deferred.weight.data.copy_(plain.weight.data)
-    deferred_count = defer_weight_gradients(deferred)
+    strategies = deferred_strategies(deferred, {})
+    deferred.strategy, deferred_count = strategies[""], len(strategies)
     x = torch.randn(2, 3, n_in, requires_grad=True)
     return plain, deferred, deferred_count, WeightGradStore(), x, x.detach().clone().requires_grad_()
 
@@ -163,7 +164,7 @@ def test_deferred_weight_gradients_equal_the_plain_ones():
     store.flush((0, 0))
     assert store.pending() == []
     assert torch.allclose(deferred.weight.grad, plain.weight.grad, rtol=1e-6, atol=1e-6)
-    assert deferred.gemm is not F.linear
+    assert deferred.strategy.gemm is not F.linear
 
 
 @pytest.mark.parametrize("dim, grouped_mm", [(16, True), (6, False)], ids=["grouped_mm", "loop-fallback"])

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from megads.config import load_config
 from megads.model.deepseek_v3 import DeepSeekV3
+from megads.model.layers import LinearStrategy
 from megads.parallel.mesh import Mesh
 from megads.rl.policy import capture_routes, replay_routes, token_logprobs
 from megads.rl.rollout import SamplingParams, UniformStream, generate, sample_tokens
@@ -74,10 +75,10 @@ def test_sampling_follows_inverse_cdf_and_top_p():
 
 
 def push_eos(model, amount):
-    """Add `amount` to the eos logit through the output head's gemm hook."""
+    """Add `amount` to the eos logit through the output head's GEMM."""
     shift = torch.zeros(model.cfg.vocab_size)
     shift[EOS] = amount
-    model.lm_head.gemm = lambda x, w: F.linear(x, w) + shift
+    model.lm_head.strategy = LinearStrategy(gemm=lambda x, w: F.linear(x, w) + shift)
 
 
 def test_generation_stops_at_eos_and_at_the_length_limit():

@@ -84,7 +84,7 @@ def test_model_with_mtp_saves_and_resumes_exactly(tmp_path, data_cache):
     assert all(torch.equal(straight[n], resumed[n]) for n in straight)
     reader = CheckpointReader(str(tmp_path / "straight" / "checkpoints" / "step_00000002"))
     cfg = load_config("configs/tiny.yaml", SMALL + ["model.mtp_depth=1"]).validate()
-    initial = build_policy(cfg, Mesh(), torch.device("cpu"), None).state_dict()
+    initial = build_policy(cfg, Mesh(), torch.device("cpu"), None)[0].state_dict()
     mtp = reader.names("model.mtp.")
     assert mtp and all(torch.equal(reader.read(n), initial[n.removeprefix("model.")]) for n in mtp)
     moments = reader.names("optimizer.exp_avg.")

@@ -22,12 +22,12 @@ from megads.checkpoint.format import TRAINER_STATE, CheckpointError, CheckpointR
     merge_indexes, write_bytes, write_index
 from megads.checkpoint.hf import (HFTensor, config_from_metadata, dequantise_weight, hf_config, hf_tensors,
                                   megads_name, model_config, quantise_weight, quantised, scale_name, shared_copy_source)
-from megads.checkpoint.layout import MODEL, expected_tensors, global_name
+from megads.checkpoint.layout import MODEL, expected_tensors
 from megads.checkpoint.sharded import check_model_tensors, resolve
 from megads.config import Config, ModelConfig
 from megads.fp8.quant import E4M3
-from megads.parallel.builder import build_model
 from megads.parallel.mesh import Mesh
+from megads.parallel.plan import plan_layout
 
 log = logging.getLogger("megads")
 Progress = Callable[[Iterable, int, str], Iterable]
@@ -218,11 +218,8 @@ def from_hf(hf_dir: str, out: str, dequant_dtype: torch.dtype = torch.bfloat16, 
 
 def split_dims(cfg: ModelConfig, tp: int, ep: int) -> dict[str, tuple[int | None, bool]]:
     """Global name -> (TP split dimension or None, expert-parallel?) under tp x ep."""
-    mesh = Mesh(world_size=tp * ep, tp=tp, ep=ep, dp=ep)
-    model = build_model(Config(model=cfg), mesh, torch.device("meta"), initialise=False).model
-    return {global_name(n): (getattr(t, "partition_dim", None) if getattr(t, "tensor_model_parallel", False) else None,
-                             getattr(t, "expert_parallel", False))
-            for n, t in model.state_dict(keep_vars=True).items()}
+    plan = plan_layout(Config(model=cfg), Mesh(world_size=tp * ep, tp=tp, ep=ep, dp=ep))
+    return {name: (p.tp_dim, p.expert) for name, p in plan.placements.items()}
 
 
 def reshard(checkpoint: str, out: str, tp: int, ep: int, max_file_bytes: int = 5 << 30,

@@ -38,12 +38,12 @@ from torch import nn
 from megads.checkpoint import optimizer as adam
 from megads.checkpoint.format import TRAINER_FIX, TRAINER_STATE, CheckpointError, CheckpointReader, PieceWriter, \
     first_names, merge_indexes, one_line, write_atomic, write_bytes, write_index
-from megads.checkpoint.layout import MODEL, MOMENTS, expected_tensors, global_name, model_pieces, model_tensors, \
-    moment_name, moment_piece, placement
+from megads.checkpoint.layout import MODEL, MOMENTS, expected_tensors, model_pieces, model_tensors, moment_name, \
+    moment_piece, placement
 from megads.config import ModelConfig
 from megads.model.deepseek_v3 import DeepSeekV3
 from megads.parallel.mesh import Mesh
-from megads.parallel.pipeline.placement import is_mirror
+from megads.parallel.plan import ParallelPlan, whole_model_plan
 
 log = logging.getLogger("megads")
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -76,15 +76,15 @@ def _agree(mesh: Mesh, work: Callable[[], T]) -> T:
 
 # ----------------------------------------------------------------------------- sizes and free space
 
-def _held_pieces(model: nn.Module, mesh: Mesh, with_moments: bool) -> dict[str, int]:
+def _held_pieces(model: nn.Module, plan: ParallelPlan, with_moments: bool) -> dict[str, int]:
     """Key -> bytes of every piece this rank holds: model tensors and, `with_moments`, the AdamW
-    moments of trainable parameters (DualPipe's mirrored copies excluded: their home copy counts)."""
-    held = {p.key: p.tensor.numel() * p.tensor.element_size() for p in model_pieces(model, mesh)
-            if not is_mirror(p.tensor)}
+    moments of trainable parameters (pipeline copies homed elsewhere excluded: their home copy counts)."""
+    held = {p.key: p.tensor.numel() * p.tensor.element_size() for p in model_pieces(model, plan)
+            if not plan.is_mirror(p.tensor)}
     if with_moments:
         for name, param in adam.trainable(model):
-            if not is_mirror(param):
-                held.update({moment_piece(m, name, param, mesh, param).key: param.numel() * MOMENT_BYTES
+            if not plan.is_mirror(param):
+                held.update({moment_piece(m, name, param, plan, param).key: param.numel() * MOMENT_BYTES
                              for m in MOMENTS})
     return held
 
@@ -140,25 +140,27 @@ def _check_room(ckpt_dir: str, one: int, keep_last: int) -> None:
                               f"{_size(short)} on that filesystem or lower checkpoint.keep_last")
 
 
-def check_checkpoint_space(ckpt_dir: str, model: nn.Module, stepper, mesh: Mesh, keep_last: int) -> None:
+def check_checkpoint_space(ckpt_dir: str, model: nn.Module, stepper, plan: ParallelPlan, keep_last: int) -> None:
     """Refuse to start a run whose checkpoints will not fit (collective; the same CheckpointError on
     every rank): the free space of `ckpt_dir`'s filesystem, with the checkpoints already there
     counted as freed when retention deletes them, must hold keep_last + 1 checkpoints of this
     run (model tensors and, when there is an optimizer, its AdamW moments, even before the first
     step), so that the run does not fail hours later at a save."""
-    one = _checkpoint_bytes(_all_gather(_held_pieces(model, mesh, with_moments=stepper is not None), mesh))
+    mesh = plan.mesh
+    one = _checkpoint_bytes(_all_gather(_held_pieces(model, plan, with_moments=stepper is not None), mesh))
     _agree(mesh, lambda: _check_room(ckpt_dir, one, keep_last) if mesh.rank == 0 else None)
 
 
 # ----------------------------------------------------------------------------- saving
 
-def save_checkpoint(ckpt_dir: str, step: int, model: nn.Module, stepper, mesh: Mesh, trainer_state: dict,
+def save_checkpoint(ckpt_dir: str, step: int, model: nn.Module, stepper, plan: ParallelPlan, trainer_state: dict,
                     keep_last: int, metadata: dict | None = None) -> str:
     """Write `ckpt_dir/step_XXXXXXXX` (collective); returns its path. When it does not fit, or a
     write fails on any rank, nothing is published: the `.tmp` is removed and every rank raises
     the same CheckpointError naming the directory, the free space and what to free."""
+    mesh = plan.mesh
     with_moments = adam.adam_step(stepper) > 0
-    held = _all_gather(_held_pieces(model, mesh, with_moments), mesh)
+    held = _all_gather(_held_pieces(model, plan, with_moments), mesh)
     writer_of: dict[str, int] = {}
     for rank, keys in enumerate(held):
         for key in keys:
@@ -166,7 +168,7 @@ def save_checkpoint(ckpt_dir: str, step: int, model: nn.Module, stepper, mesh: M
     one = _checkpoint_bytes(held)
     final = os.path.join(ckpt_dir, f"step_{step:08d}")
     _agree(mesh, lambda: _prepare(ckpt_dir, final, one) if mesh.rank == 0 else None)
-    files, tensors, failed = _write_pieces(final + ".tmp", model, stepper, mesh, writer_of)
+    files, tensors, failed = _write_pieces(final + ".tmp", model, stepper, plan, writer_of)
     parts = _all_gather((files, tensors, failed, trainer_state), mesh)
     message = None
     if mesh.rank == 0:
@@ -196,30 +198,31 @@ def _prepare(ckpt_dir: str, final: str, one: int) -> None:
         raise CheckpointError(_write_failure(ckpt_dir, final, err, one)) from err
 
 
-def _write_pieces(tmp: str, model: nn.Module, stepper, mesh: Mesh,
+def _write_pieces(tmp: str, model: nn.Module, stepper, plan: ParallelPlan,
                   writer_of: dict[str, int]) -> tuple[dict, dict, OSError | None]:
     """Write the pieces this rank owns into `tmp`: (files, tensors, the failed write or None).
     A failed write is returned, not raised: this rank still takes part in every moment's gather
     (a collective under ZeRO) and in the agreement that follows."""
-    writer = PieceWriter(tmp, f"rank{mesh.rank:05d}")
+    rank = plan.mesh.rank
+    writer = PieceWriter(tmp, f"rank{rank:05d}")
     failed: OSError | None = None
 
     def add(piece) -> None:
         nonlocal failed
-        if failed is None and writer_of[piece.key] == mesh.rank:
+        if failed is None and writer_of[piece.key] == rank:
             try:
                 writer.add(piece)
             except OSError as err:
                 failed = err
 
-    for piece in model_pieces(model, mesh):
-        if not is_mirror(piece.tensor):
+    for piece in model_pieces(model, plan):
+        if not plan.is_mirror(piece.tensor):
             add(piece)
     for name, values in adam.moments(stepper, model):          # one parameter at a time (collective under ZeRO)
         param = model.get_parameter(name)
-        if not is_mirror(param):
+        if not plan.is_mirror(param):
             for moment, tensor in values.items():
-                add(moment_piece(moment, name, param, mesh, tensor))
+                add(moment_piece(moment, name, param, plan, tensor))
     if failed is None:
         try:
             writer.flush()
@@ -388,27 +391,28 @@ def _read_trainer_state(reader: CheckpointReader) -> list[dict]:
 
 
 @torch.no_grad()
-def _copy_weights(reader: CheckpointReader, model: DeepSeekV3, mesh: Mesh) -> None:
+def _copy_weights(reader: CheckpointReader, model: DeepSeekV3, plan: ParallelPlan) -> None:
     """Copy every parameter and persistent buffer of `model` (any layout) from a checkpoint that
     `open_checkpoint` accepted."""
     for name, tensor in model_tensors(model).items():
-        shape, offset = placement(tensor, mesh)
-        value = reader.read(MODEL + global_name(name), offset, tuple(tensor.shape), expect_global=shape)
+        shape, offset = placement(tensor, plan)
+        value = reader.read(MODEL + name, offset, tuple(tensor.shape), expect_global=shape)
         tensor.data.copy_(value)
 
 
-def load_model_weights(path: str, model: DeepSeekV3, mesh: Mesh | None = None, verify: bool = True) -> dict:
-    """Load the weights and router biases of a checkpoint written under any layout into an
-    already-parallelised `model` (optimizer and trainer state are ignored, and trainer.pt is not
-    needed). `path` is a checkpoint directory or a checkpoint root with `latest`. Collective over
-    `mesh` (see `open_checkpoint`). Returns the checkpoint's metadata (step, layout, ...)."""
-    mesh = mesh or Mesh()
-    reader = open_checkpoint(path, model.cfg, mesh, verify, trainer_state=False)
-    _copy_weights(reader, model, mesh)
+def load_model_weights(path: str, model: DeepSeekV3, plan: ParallelPlan | None = None, verify: bool = True) -> dict:
+    """Load the weights and router biases of a checkpoint written under any layout into `model`,
+    parallelised as `plan` says (None: a single-process model). Optimizer and trainer state are
+    ignored, and trainer.pt is not needed. `path` is a checkpoint directory or a checkpoint root
+    with `latest`. Collective over the plan's mesh (see `open_checkpoint`). Returns the
+    checkpoint's metadata (step, layout, ...)."""
+    plan = plan or whole_model_plan(model)
+    reader = open_checkpoint(path, model.cfg, plan.mesh, verify, trainer_state=False)
+    _copy_weights(reader, model, plan)
     return reader.metadata
 
 
-def load_checkpoint(path: str, model: DeepSeekV3, stepper, mesh: Mesh, verify: bool = True,
+def load_checkpoint(path: str, model: DeepSeekV3, stepper, plan: ParallelPlan, verify: bool = True,
                     weights_only: bool = False) -> dict | None:
     """Load a checkpoint to continue training (collective; every check of `open_checkpoint` comes
     first). A training checkpoint restores the model, the AdamW state and returns this rank's
@@ -416,17 +420,18 @@ def load_checkpoint(path: str, model: DeepSeekV3, stepper, mesh: Mesh, verify: b
     were loaded, either because `weights_only` asked for it (checkpoint.weights_only=true) or
     because the checkpoint holds weights only (converted from HuggingFace): the run then starts
     at step 0 with a new optimizer state."""
+    mesh = plan.mesh
     reader = open_checkpoint(path, model.cfg, mesh, verify, trainer_state=not weights_only)
     training = reader.has_trainer_state and not weights_only
     states = _agree(mesh, lambda: _read_trainer_state(reader)) if training else None
-    _copy_weights(reader, model, mesh)
+    _copy_weights(reader, model, plan)
     adam.refresh_master_weights(stepper)
     if states is None:
         return None
     step = reader.metadata.get("adam_step", 0)
     if step > 0:
         def read(name: str, moment: str, param: torch.Tensor) -> torch.Tensor:
-            shape, offset = placement(param, mesh)
+            shape, offset = placement(param, plan)
             return reader.read(moment_name(moment, name), offset, tuple(param.shape), expect_global=shape)
         adam.set_moments(stepper, model, step, read)
     # RNG streams belong to ranks: restored one to one when the world size is unchanged.

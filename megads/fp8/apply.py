@@ -1,12 +1,12 @@
-"""Switch a model's GEMMs to FP8 from outside: `apply_fp8(model, cfg.fp8)`.
+"""FP8 GEMMs for a model, as strategies the model builder hands its layers: `fp8_strategies`.
 
-Every `Linear` gets `gemm = FP8Gemm` and every `GroupedExperts` gets `grouped_gemm =
+Every `Linear`'s strategy gets `gemm = FP8Gemm` and every `GroupedExperts`' gets `gemm =
 FP8GroupedGemm`, except modules matching an exclude pattern. As in DeepSeek-V3 (report,
 3.3.1) the output head stays in high precision, and so does the MTP projection `eh_proj`
 (the released model keeps it in bf16); the embedding, router, norms and attention core are
 not Linear modules and are never touched. With `fp8.dispatch` the expert-parallel dispatch
-exchange sends E4M3 rows with their 1x128 scales (megads.fp8.dispatch); the combine stays in
-the activations' dtype, as in the report.
+exchange sends E4M3 rows with their 1x128 scales (`fp8_send_rows`, megads.fp8.dispatch); the
+combine stays in the activations' dtype, as in the report.
 
 Sizes that are not multiples of 128 are zero-padded inside the FP8 GEMMs (exact), so any
 model shape is accepted; only the multiples of 128 avoid the padding copies.
@@ -16,7 +16,8 @@ from __future__ import annotations
 import fnmatch
 import functools
 import importlib.util
-from typing import Any
+from dataclasses import replace
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -64,21 +65,22 @@ def excluded(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns)
 
 
-def apply_fp8(model: nn.Module, cfg: Any) -> FP8Recipe | None:
-    """Set the FP8 GEMM hooks on `model` when cfg.enabled (cfg: megads.config.FP8Config); returns
-    the recipe they share (its `weights` cache must be cleared after each optimizer step), or None.
-    Raises ValueError, naming the setting, when the backend cannot run here."""
-    if not cfg.enabled:
-        return None
-    recipe = build_recipe(cfg)
-    patterns = DEFAULT_EXCLUDE + tuple(cfg.exclude)
+def fp8_strategies(model: nn.Module, recipe: FP8Recipe, exclude: tuple[str, ...],
+                   strategies: dict[str, object]) -> dict[str, object]:
+    """Module name -> its strategy with the FP8 GEMM, from the `strategies` given so far (a module's
+    own when absent); modules matching DEFAULT_EXCLUDE or `exclude` keep theirs."""
+    patterns = DEFAULT_EXCLUDE + tuple(exclude)
+    out: dict[str, object] = {}
     for name, module in model.named_modules():
         if excluded(name, patterns):
             continue
         if isinstance(module, Linear):
-            module.gemm = FP8Gemm(recipe)
+            out[name] = replace(strategies.get(name, module.strategy), gemm=FP8Gemm(recipe))
         elif isinstance(module, GroupedExperts):
-            module.grouped_gemm = FP8GroupedGemm(recipe)
-        elif cfg.dispatch and hasattr(module, "send_rows"):          # expert-parallel experts
-            module.send_rows = functools.partial(fp8_all_to_all, backend=recipe.backend)
-    return recipe
+            out[name] = replace(strategies.get(name, module.strategy), gemm=FP8GroupedGemm(recipe))
+    return out
+
+
+def fp8_send_rows(recipe: FP8Recipe) -> Callable:
+    """The expert-parallel dispatch exchange sending E4M3 rows with their scales (`fp8.dispatch`)."""
+    return functools.partial(fp8_all_to_all, backend=recipe.backend)

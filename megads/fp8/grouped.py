@@ -62,7 +62,7 @@ class _FP8Grouped(torch.autograd.Function):
 
 
 class FP8GroupedGemm:
-    """Drop-in for `GroupedExperts.grouped_gemm(x, weight, counts)`: x [n, K] sorted by expert,
+    """Drop-in for `grouped_linear(x, weight, counts)` as `ExpertsStrategy.gemm`: x [n, K] sorted by expert,
     weight [E, N, K], counts [E] int64 -> [n, N]."""
 
     def __init__(self, recipe: FP8Recipe):

@@ -149,7 +149,7 @@ class _FP8Linear(torch.autograd.Function):
 
 
 class FP8Gemm:
-    """Drop-in for F.linear(x, weight) (no bias) as `Linear.gemm`: x [..., K], weight [N, K] -> [..., N]."""
+    """Drop-in for F.linear(x, weight) (no bias) as `LinearStrategy.gemm`: x [..., K], weight [N, K] -> [..., N]."""
 
     def __init__(self, recipe: FP8Recipe):
         self.recipe = recipe

@@ -22,6 +22,13 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits, targets, reduction="none")
 
 
+@dataclass(frozen=True)
+class OutputStrategy:
+    """`token_losses(logits [n, vocab], targets [n]) -> [n]`: per-token cross-entropy; vocabulary-
+    parallel (logits [n, vocab/tp]) under tensor parallelism."""
+    token_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = token_cross_entropy
+
+
 @dataclass
 class ModelOutput:
     loss: torch.Tensor          # lm_loss + mtp_weight * mtp_loss (the balance loss enters through backward)
@@ -40,8 +47,7 @@ class DeepSeekV3(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.mtp = nn.ModuleDict({str(k): MTPLayer(cfg) for k in range(cfg.mtp_depth)})
-        # Per-token cross-entropy, logits [n, vocab] + targets [n] -> [n]; vocab-parallel under TP.
-        self.token_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = token_cross_entropy
+        self.strategy = OutputStrategy()
         self._rope_cache: dict = {}
 
     @torch.no_grad()
@@ -57,6 +63,10 @@ class DeepSeekV3(nn.Module):
                 module.weight.fill_(1.0)
             if isinstance(module, Router):
                 module.e_score_correction_bias.zero_()
+
+    def token_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy of logits [n, vocab (shard)] against targets [n] -> [n]."""
+        return self.strategy.token_losses(logits, targets)
 
     def moe_layers(self) -> list[MoE]:
         return [m for _, m in self.named_moe_layers()]

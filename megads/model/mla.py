@@ -3,22 +3,21 @@
 Queries optionally pass through a low-rank latent (q_lora_rank); keys and values share one
 compressed latent c_kv [kv_lora_rank] plus a single decoupled RoPE key shared by all heads.
 Head counts are read from tensor shapes (`-1` in views), so the same code runs on a
-tensor-parallel shard holding a slice of the heads. `to_heads` marks where per-token latents
-(computed on this rank's tokens) become the input of per-head projections: identity on one
-process; under tensor parallelism it copies (or, with sequence parallelism, all-gathers) them.
+tensor-parallel shard holding a slice of the heads. The strategy's `to_heads` marks where
+per-token latents (computed on this rank's tokens) become the input of per-head projections:
+identity on one process; under tensor parallelism it copies (or, with sequence parallelism,
+all-gathers) them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megads.config import ModelConfig
-from megads.model.layers import Linear, RMSNorm
+from megads.model.layers import Linear, Region, RMSNorm, identity
 from megads.model.rope import apply_rope, softmax_scale
 
 # SDPA backends in order of preference. The flash backend refuses MLA's unequal q/k and v head
@@ -26,6 +25,11 @@ from megads.model.rope import apply_rope, softmax_scale
 # slower than cuDNN's on Hopper for fwd+bwd (benchmarks/RESULTS.md); CPU uses flash or math as before.
 SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                  SDPBackend.MATH]
+
+
+@dataclass(frozen=True)
+class AttentionStrategy:
+    to_heads: Region = identity        # per-token latents [b, s(/tp), c] -> the heads' input [b, s, c]
 
 
 @dataclass
@@ -66,7 +70,7 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (self.nope_dim + self.v_dim))
         self.o_proj = Linear(h * self.v_dim, d)
         self.scale = softmax_scale(cfg)
-        self.to_heads: Callable[[torch.Tensor], torch.Tensor] = _identity
+        self.strategy = AttentionStrategy()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,14 +81,14 @@ class MLA(nn.Module):
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.to_heads(self.q_a_layernorm(self.q_a_proj(x))))
+            q = self.q_b_proj(self.strategy.to_heads(self.q_a_layernorm(self.q_a_proj(x))))
         s = q.shape[1]                                                      # the full sequence
         q = q.view(b, s, -1, self.nope_dim + self.rope_dim)                 # [b, s, h, nope+rope]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin)
 
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent, k_rope = self.to_heads(torch.cat([self.kv_a_layernorm(latent), k_rope], dim=-1)) \
+        latent, k_rope = self.strategy.to_heads(torch.cat([self.kv_a_layernorm(latent), k_rope], dim=-1)) \
             .split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin)                  # [b, s, 1, rope], shared by heads
         mask = None
@@ -104,7 +108,3 @@ class MLA(nn.Module):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=mask, is_causal=mask is None, scale=self.scale)   # [b, h, s, v]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, heads * self.v_dim))
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x

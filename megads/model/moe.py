@@ -3,8 +3,8 @@ the sequence-wise balance loss, shared experts, no token dropping (DeepSeek-V3 r
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torch import nn
 
 from megads.config import ModelConfig
 from megads.model.deferral import weight_grad_now_or_later
-from megads.model.layers import MLP
+from megads.model.layers import MLP, Region, identity
 
 
 class Router(nn.Module):
@@ -26,9 +26,23 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         # fp32 bias used only to select experts; moved by update_bias, never by the optimizer.
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
-        # Routing replay (set from outside, e.g. by GRPO): maps the experts just selected [t, k] to the
-        # experts to use [t, k] (those chosen when the tokens were sampled); gate weights follow them.
-        self.replay: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.replayed: torch.Tensor | None = None     # inside `replay`: the experts to use
+
+    @contextlib.contextmanager
+    def replay(self, recorded: torch.Tensor) -> Iterator[None]:
+        """Routing replay (GRPO): inside, forwards use the experts `recorded` (those chosen when the
+        tokens were sampled, any shape holding [t, k] ids) instead of choosing; gate weights follow."""
+        self.replayed = recorded
+        try:
+            yield
+        finally:
+            self.replayed = None
+
+    def _replayed_ids(self, chosen: torch.Tensor) -> torch.Tensor:
+        if self.replayed.numel() != chosen.numel():
+            raise ValueError(f"routing replay holds {tuple(self.replayed.shape)} expert ids for a forward that routes "
+                             f"{tuple(chosen.shape)}; replay the rollout's token batch")
+        return self.replayed.reshape(chosen.shape).to(chosen.device)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [t, d] -> expert ids [t, k] (int64), gate weights [t, k] (fp32), scores [t, e] (fp32)."""
@@ -41,8 +55,8 @@ class Router(nn.Module):
             group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, False)
             biased = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)
         expert_ids = biased.topk(self.top_k, dim=-1).indices
-        if self.replay is not None:
-            expert_ids = self.replay(expert_ids)
+        if self.replayed is not None:
+            expert_ids = self._replayed_ids(expert_ids)
         weights = scores.gather(1, expert_ids)
         if self.normalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -115,37 +129,58 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     return _GroupedLinear.apply(x.contiguous(), weight, counts, _grouped_mm_supported(x, weight))
 
 
-class GroupedExperts(nn.Module):
-    """All routed experts' SwiGLU weights as 3-D tensors [experts, out, in].
+GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]   # (x, weight, counts) -> y
 
-    Input rows are sorted by expert; `counts[e]` rows belong to expert e. `grouped_gemm` is the
-    hook that grouped-GEMM kernels and FP8 replace.
-    """
+
+class ExpertExchange(Protocol):
+    """How token copies reach the ranks holding their experts and come back."""
+
+    def dispatch(self, rows: torch.Tensor, counts: torch.Tensor,
+                 expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """rows [n, d] sorted by global expert, counts [E], expert_ids [t, k] -> the rows at this
+        rank's experts (grouped by local expert), the count per local expert, how to send them back."""
+
+    def combine(self, y: torch.Tensor, plan: object) -> torch.Tensor:
+        """The experts' outputs back to their tokens' rank, in the order `dispatch` took them."""
+
+
+class LocalExchange:
+    """One rank holds every expert: nothing is sent."""
+
+    def dispatch(self, rows: torch.Tensor, counts: torch.Tensor, expert_ids: torch.Tensor):
+        return rows, counts, None
+
+    def combine(self, y: torch.Tensor, plan: object) -> torch.Tensor:
+        return y
+
+    def __repr__(self) -> str:
+        return "local"
+
+
+@dataclass(frozen=True)
+class ExpertsStrategy:
+    """`gemm`: the grouped product (FP8 replaces it); `exchange`: where the experts live (expert
+    parallelism sends rows all-to-all)."""
+    gemm: GroupedGemm = grouped_linear
+    exchange: ExpertExchange = field(default_factory=LocalExchange)
+
+
+class GroupedExperts(nn.Module):
+    """The routed experts' SwiGLU weights as 3-D tensors [experts, out, in] (this rank's experts
+    under expert parallelism). Input rows are sorted by expert; `counts[e]` rows belong to expert e."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
-        self.grouped_gemm = grouped_linear
+        self.strategy = ExpertsStrategy()
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [n, d] sorted by expert, counts [e] -> [n, d]."""
-        hidden = F.silu(self.grouped_gemm(x, self.gate_proj, counts)) * self.grouped_gemm(x, self.up_proj, counts)
-        return self.grouped_gemm(hidden, self.down_proj, counts)
-
-    # The MoE layer's three steps; on one rank every expert is here, so nothing is sent
-    # (`ExpertParallelExperts` sends rows to and from the ranks holding their experts).
-
-    def dispatch_tokens(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """Rows [n, d] sorted by expert -> the rows for this rank's experts, their counts, no plan."""
-        return x, counts, None
-
-    def compute(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return self(x, counts)
-
-    def combine_tokens(self, y: torch.Tensor, plan: None) -> torch.Tensor:
-        return y
+        gemm = self.strategy.gemm
+        hidden = F.silu(gemm(x, self.gate_proj, counts)) * gemm(x, self.up_proj, counts)
+        return gemm(hidden, self.down_proj, counts)
 
 
 # ----------------------------------------------------------------------------- the balance loss
@@ -216,6 +251,17 @@ class Dispatched:
     residual: torch.Tensor | None = None  # the decoder layer's residual, carried for it
 
 
+@dataclass(frozen=True)
+class MoEStrategy:
+    """Tensor parallelism's boundaries around routing: without sequence parallelism every TP rank
+    routes only its slice of the (replicated) tokens (`split_tokens`) and the routed outputs are
+    gathered back (`merge_tokens`); the balance loss's per-sequence statistics are summed over the
+    ranks holding parts of one sequence (`reduce_stats`)."""
+    split_tokens: Region = identity
+    merge_tokens: Region = identity
+    reduce_stats: Region = identity
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -225,11 +271,7 @@ class MoE(nn.Module):
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
             if cfg.n_shared_experts > 0 else None
         self.balance_alpha = 0.0
-        # Set by parallel wrappers: sum balance statistics over sequence shards; route only this rank's
-        # slice of TP-replicated tokens and gather the routed outputs back.
-        self.reduce_sequence_stats: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.split_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.merge_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.strategy = MoEStrategy()
         # Tokens routed to each expert by this step's grad-enabled forwards (selection statistics).
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
         self.last_balance_loss = torch.zeros(())
@@ -248,7 +290,7 @@ class MoE(nn.Module):
 
     def dispatch(self, x: torch.Tensor) -> Dispatched:
         """Route the tokens of x [b, s, d] and send each token copy to its expert's rank."""
-        routed_in = self.split_tokens(x) if self.split_tokens is not None else x
+        routed_in = self.strategy.split_tokens(x)
         b, s, d = routed_in.shape
         tokens = routed_in.reshape(-1, d)
         expert_ids, weights, scores = self.gate(tokens)                           # [t, k], [t, k], [t, e]
@@ -257,33 +299,32 @@ class MoE(nn.Module):
         balance = None
         if self.balance_alpha > 0:
             balance = sequence_balance_loss(scores.view(b, s, -1), expert_ids.view(b, s, -1), self.n_experts,
-                                            self.balance_alpha, self.reduce_sequence_stats)
+                                            self.balance_alpha, self.strategy.reduce_stats)
             self.last_balance_loss = balance.detach()
         k = expert_ids.shape[1]
         flat = expert_ids.flatten()
         order = flat.argsort(stable=True)                                        # copies sorted by expert
         source = order // k                                                      # token of each sorted copy
         counts = torch.bincount(flat, minlength=self.n_experts)
-        rows, local_counts, plan = self.experts.dispatch_tokens(tokens[source], counts)
+        rows, local_counts, plan = self.experts.strategy.exchange.dispatch(tokens[source], counts, expert_ids)
         return Dispatched(x, rows, local_counts, plan, source, weights.flatten()[order], (b, s, d), balance)
 
     def run_experts(self, st: Dispatched) -> Dispatched:
         """The local experts on the rows dispatched to them, and the shared experts on all tokens
         (which need no communication, so they can run while the dispatch is in flight)."""
         shared = self.shared_experts(st.x) if self.shared_experts is not None else None
-        return replace(st, rows=self.experts.compute(st.rows, st.counts), shared=shared)
+        return replace(st, rows=self.experts(st.rows, st.counts), shared=shared)
 
     def combine(self, st: Dispatched) -> torch.Tensor:
         """Send the expert outputs back, sum each token's copies weighted by their gates, add the
         shared experts. -> [b, s, d]"""
         b, s, d = st.routed_shape
-        out = self.experts.combine_tokens(st.rows, st.plan).float() * st.gates.unsqueeze(-1)   # [t*k, d]
+        out = self.experts.strategy.exchange.combine(st.rows, st.plan).float() * st.gates.unsqueeze(-1)   # [t*k, d]
         out = torch.zeros(b * s, d, dtype=torch.float32, device=out.device) \
             .index_add_(0, st.source, out).to(st.x.dtype).view(b, s, d)
         if st.balance_loss is not None and torch.is_grad_enabled():
             out = _AttachLoss.apply(out, st.balance_loss)
-        if self.merge_tokens is not None:
-            out = self.merge_tokens(out)
+        out = self.strategy.merge_tokens(out)
         if st.shared is not None:
             out = out + st.shared
         return out

@@ -1,33 +1,42 @@
 """The one place a model is built for a config and a mesh.
 
-Every rank builds and initialises the whole single-process model from the same seed, then the
+The parallel plan (parallel/plan.py) is computed first, from the config and the mesh alone. Every
+rank then builds and initialises the whole single-process model from the same seed, and the
 parallelisms are applied from outside, always in this order:
 
-    tensor   parallel/tensor.py    shard heads, MLP widths and the vocabulary over TP
-    expert   parallel/expert.py    keep this EP rank's routed experts, route through all-to-all
+    tensor   parallel/tensor.py    split heads, MLP widths and the vocabulary; TP-region boundaries
+    expert   parallel/expert.py    keep this EP rank's routed experts; exchange rows all-to-all
     fp8      fp8/apply.py          FP8 GEMMs on the local shards (they see TP / EP slices)
     pipeline parallel/pipeline/    keep this rank's stages, defer weight gradients, the executor
 
-so the sharded model is exactly the single-process one. Pretraining, SFT / GRPO, checkpoint
+Weights are split as the plan says (`shard`); each step says how layers run by giving strategies
+(module name -> a layer's strategy dataclass), a later step refining an earlier one's; the
+builder hands every layer its final strategy, registers the gradient sums over TP the plan
+declares, and binds the plan to the result. So the sharded model is exactly the single-process
+one, and the plan says where each of its tensors lives. Pretraining, SFT / GRPO, checkpoint
 conversion, tests and benchmarks all build through `build_model`.
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from megads.config import Config
-from megads.fp8 import apply_fp8
+from megads.fp8 import build_recipe, fp8_send_rows, fp8_strategies
 from megads.fp8.linear import FP8Recipe
 from megads.model.deepseek_v3 import DeepSeekV3
-from megads.parallel.expert import parallelize_experts
+from megads.model.moe import ExpertsStrategy
+from megads.parallel.expert import AllToAllExchange, expert_strategies
 from megads.parallel.mesh import Mesh
 from megads.parallel.pipeline.build import build_pipeline
 from megads.parallel.pipeline.executor import PipelineExecutor
-from megads.parallel.tensor import parallelize_tensor
+from megads.parallel.pipeline.zero_bubble import deferred_strategies
+from megads.parallel.plan import ParallelPlan, plan_layout, shard
+from megads.parallel.tensor import reduce_grad_over_tp, tensor_strategies
 
 ORDER = ("tensor", "expert", "fp8", "pipeline")
 
@@ -35,6 +44,7 @@ ORDER = ("tensor", "expert", "fp8", "pipeline")
 @dataclass
 class BuiltModel:
     model: DeepSeekV3                      # this rank's part, single-process names
+    plan: ParallelPlan                     # where each of its tensors lives, what each layer was handed
     fp8_recipe: FP8Recipe | None           # None unless fp8.enabled
     pipeline: PipelineExecutor | None      # None unless parallel.pp > 1
     applied: tuple[str, ...]               # the steps of ORDER this layout needed, in that order
@@ -46,6 +56,7 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device,
     """The model of `cfg` on this rank of `mesh`. `initialise=False` skips the seeded weights (a
     checkpoint fills them, or the model lives on the meta device to read shapes); `autocast` is
     the context the pipeline runs its pieces in."""
+    plan = plan_layout(cfg, mesh)
     torch.manual_seed(cfg.train.seed)
     if device.type == "meta":
         with torch.device("meta"):
@@ -54,17 +65,51 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device,
         model = DeepSeekV3(cfg.model).to(device)
     if initialise:
         model.init_weights()
+    sp = cfg.parallel.sequence_parallel
+    strategies: dict[str, object] = {}
     applied = []
     if mesh.tp > 1:
-        parallelize_tensor(model, mesh, cfg.parallel.sequence_parallel)
+        shard(model, plan, tensor_parallel=True, expert_parallel=False)
+        strategies.update(tensor_strategies(model, mesh, sp))
         applied.append("tensor")
     if mesh.ep > 1:
-        parallelize_experts(model, mesh, cfg.parallel.sequence_parallel)
+        shard(model, plan, tensor_parallel=False, expert_parallel=True)
+        strategies.update(expert_strategies(model, mesh, sp, strategies))
         applied.append("expert")
-    recipe = apply_fp8(model, cfg.fp8)
+    recipe = build_recipe(cfg.fp8) if cfg.fp8.enabled else None
     if recipe is not None:
+        strategies.update(fp8_strategies(model, recipe, tuple(cfg.fp8.exclude), strategies))
+        if cfg.fp8.dispatch:
+            strategies.update(_fp8_dispatch(strategies, recipe))
         applied.append("fp8")
     pipeline = build_pipeline(model, cfg, mesh, autocast) if mesh.pp > 1 else None
     if pipeline is not None:
+        if pipeline.schedule.splits_backward:
+            strategies.update(deferred_strategies(model, strategies))
         applied.append("pipeline")
-    return BuiltModel(model, recipe, pipeline, tuple(applied))
+    assert tuple(applied) == tuple(s for s in ORDER if s in applied)
+    plan.strategies = _hand_over(model, strategies)
+    for name, param in model.named_parameters():
+        if plan.placements[name].tp_grad_sum:
+            reduce_grad_over_tp(param, mesh.group("tp"))
+    plan.bind(model)
+    return BuiltModel(model, plan, recipe, pipeline, tuple(applied))
+
+
+def _fp8_dispatch(strategies: dict[str, object], recipe: FP8Recipe) -> dict[str, object]:
+    """The routed experts' all-to-all dispatch sending E4M3 rows (`fp8.dispatch`)."""
+    return {name: replace(s, exchange=replace(s.exchange, send_rows=fp8_send_rows(recipe)))
+            for name, s in strategies.items()
+            if isinstance(s, ExpertsStrategy) and isinstance(s.exchange, AllToAllExchange)}
+
+
+def _hand_over(model: nn.Module, strategies: dict[str, object]) -> dict[str, object]:
+    """Give every layer of this rank its strategy (layers the pipeline pruned are gone); returns
+    those handed over."""
+    handed = {}
+    for name, module in model.named_modules():
+        if name in strategies:
+            if type(strategies[name]) is not type(module.strategy):
+                raise TypeError(f"{name} runs a {type(module.strategy).__name__}, not a {type(strategies[name]).__name__}")
+            module.strategy = handed[name] = strategies[name]
+    return handed

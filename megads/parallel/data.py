@@ -23,8 +23,10 @@ from torch import nn
 
 from megads.config import Config, ConfigError
 from megads.model.moe import MoE
-from megads.parallel.deepspeed_adapter import megads_moe_recognised, quiet_deepspeed, register_expert_groups
+from megads.parallel.deepspeed_adapter import describe_placement, megads_moe_recognised, quiet_deepspeed, \
+    register_expert_groups
 from megads.parallel.mesh import Mesh
+from megads.parallel.plan import ParallelPlan
 
 
 @dataclass
@@ -34,30 +36,20 @@ class StepOutcome:
     bad_tensor: str | None = None     # the first non-finite gradient, when known
 
 
-def is_tensor_parallel(p: torch.Tensor) -> bool:
-    return getattr(p, "tensor_model_parallel", False)
-
-
-def is_expert(p: torch.Tensor) -> bool:
-    return getattr(p, "expert_parallel", False)
-
-
-def global_grad_norm(named_params: list[tuple[str, nn.Parameter]], mesh: Mesh) -> torch.Tensor:
-    """2-norm over the whole model, every parameter counted once: TP shards on all TP ranks,
-    replicated dense parameters on TP rank 0 (summed over TP x PP), expert shards on the first
-    rank of their expert-data-parallel group (summed over all ranks), pipeline-mirrored copies
+def global_grad_norm(named_params: list[tuple[str, nn.Parameter]], plan: ParallelPlan) -> torch.Tensor:
+    """2-norm over the whole model, every element counted once (`plan.counts_in_norm`): TP shards
+    on all TP ranks, replicated dense parameters on TP rank 0 (summed over TP x PP), expert shards
+    on the first rank of their expert-data-parallel group (summed over all ranks), pipeline copies
     on their home rank only."""
+    mesh = plan.mesh
     device = named_params[0][1].device if named_params else torch.device("cpu")
     dense = torch.zeros((), dtype=torch.float64, device=device)
     experts = torch.zeros((), dtype=torch.float64, device=device)
     for _, p in named_params:
-        if getattr(p, "pipeline_mirror", False):       # a pipeline stage's mirrored copy: its home counts it
-            continue
-        if is_expert(p):
-            if mesh.edp_rank == 0:
-                experts += p.grad.double().pow(2).sum()
-        elif is_tensor_parallel(p) or mesh.tp_rank == 0:
-            dense += p.grad.double().pow(2).sum()
+        placement = plan.of(p)
+        if plan.counts_in_norm(placement):
+            total = experts if placement.expert else dense
+            total += p.grad.double().pow(2).sum()
     if mesh.group("mp") is not None:
         dist.all_reduce(dense, group=mesh.group("mp"))
     if mesh.ep > 1:
@@ -65,12 +57,13 @@ def global_grad_norm(named_params: list[tuple[str, nn.Parameter]], mesh: Mesh) -
     return (dense + experts).sqrt()
 
 
-def average_gradients(named_params: list[tuple[str, nn.Parameter]], mesh: Mesh) -> None:
-    """Dense gradients: mean over DP. Expert gradients: sum over the expert-data-parallel
-    group / dp, since each expert already received the tokens of its whole EP group."""
-    dp_group, edp_group = mesh.group("dp"), mesh.group("edp")
+def average_gradients(named_params: list[tuple[str, nn.Parameter]], plan: ParallelPlan) -> None:
+    """Each gradient summed over the group the plan gives it, divided by dp: dense gradients are
+    the mean over DP; expert gradients the sum over the expert-data-parallel group / dp, since
+    each expert already received the tokens of its whole EP group."""
+    mesh = plan.mesh
     for _, p in named_params:
-        group = edp_group if is_expert(p) else dp_group
+        group = mesh.group(plan.of(p).grad_group)
         if group is not None:
             dist.all_reduce(p.grad, group=group)
         if mesh.dp > 1:
@@ -78,16 +71,16 @@ def average_gradients(named_params: list[tuple[str, nn.Parameter]], mesh: Mesh) 
 
 
 class LocalOptimizer:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, grad_clip: float):
-        self.model, self.optimizer, self.mesh, self.grad_clip = model, optimizer, mesh, grad_clip
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: ParallelPlan, grad_clip: float):
+        self.model, self.optimizer, self.plan, self.grad_clip = model, optimizer, plan, grad_clip
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def step(self) -> StepOutcome:
         named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
-        average_gradients(named, self.mesh)
-        norm = global_grad_norm(named, self.mesh)
+        average_gradients(named, self.plan)
+        norm = global_grad_norm(named, self.plan)
         grad_norm = float(norm)
         if not math.isfinite(grad_norm):
             bad = next((n for n, p in named if not torch.isfinite(p.grad).all()), "grad_norm")
@@ -198,11 +191,12 @@ def _merge(base: dict, extra: dict, prefix: str) -> None:
 
 
 class DeepSpeedOptimizer:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, cfg: Config):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: ParallelPlan, cfg: Config):
         quiet_deepspeed(next(model.parameters()).device)
         import deepspeed
-        self.mesh = mesh
-        experts = [p for p in model.parameters() if is_expert(p)]
+        mesh = self.mesh = plan.mesh
+        describe_placement(model, plan)
+        experts = [p for p in model.parameters() if plan.of(p).expert]
         if experts:
             register_expert_groups(experts, optimizer, mesh)
         with megads_moe_recognised(MoE if experts else None):
@@ -225,8 +219,8 @@ class DeepSpeedOptimizer:
         self.engine.zero_grad()
 
 
-def build_step_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh, cfg: Config):
+def build_step_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, plan: ParallelPlan, cfg: Config):
     """DeepSpeed ZeRO when data parallel with zero_stage >= 1, else the local optimizer."""
-    if mesh.dp > 1 and cfg.parallel.zero_stage >= 1:
-        return DeepSpeedOptimizer(model, optimizer, mesh, cfg)
-    return LocalOptimizer(model, optimizer, mesh, cfg.train.grad_clip)
+    if plan.mesh.dp > 1 and cfg.parallel.zero_stage >= 1:
+        return DeepSpeedOptimizer(model, optimizer, plan, cfg)
+    return LocalOptimizer(model, optimizer, plan, cfg.train.grad_clip)

@@ -14,6 +14,9 @@ offers no public way to be told about either, nor to relink its optimizer-state 
    it so that every group's fragments are valid.
 4. `quiet_deepspeed`: its accelerator notice, its deprecated-collective FutureWarning and a bare
    print of its CPU comm build, none of them news to a megads user.
+5. `describe_placement`: ZeRO's gradient norm learns a parameter's placement only from attributes
+   on the tensor (`model_parallel`: a distinct shard on every TP rank; `ds_pipe_replicated`: a
+   pipeline copy counted elsewhere); megads writes them from its parallel plan, never reads them.
 
 tests/test_deepspeed_adapter.py fails by name when an installed DeepSpeed moves any of these.
 """
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 
 from megads.parallel.mesh import Mesh
+from megads.parallel.plan import ParallelPlan
 
 
 def quiet_deepspeed(device: torch.device) -> None:
@@ -42,6 +46,16 @@ def quiet_deepspeed(device: torch.device) -> None:
     # deprecates with a FutureWarning per rank. megads itself calls the new name (parallel/tensor.py).
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
+
+
+def describe_placement(model: nn.Module, plan: ParallelPlan) -> None:
+    """Tell ZeRO's norm what megads' plan says: TP shards are distinct on every TP rank (counted by
+    each, not by TP rank 0 alone), and pipeline copies whose home is another rank are not counted."""
+    for p in model.parameters():
+        if plan.of(p).tp_dim is not None:
+            p.model_parallel = True
+        if plan.is_mirror(p):
+            p.ds_pipe_replicated = True
 
 
 def register_expert_groups(experts: list[nn.Parameter], optimizer: torch.optim.Optimizer, mesh: Mesh) -> None:

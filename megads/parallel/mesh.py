@@ -92,13 +92,19 @@ def layout_ranks(world_size: int, tp: int, pp: int, ep: int) -> dict[str, list[l
     return kinds
 
 
+def layout_mesh(cfg: ParallelConfig, world_size: int, rank: int = 0) -> Mesh:
+    """The sizes and this rank's place of `cfg`'s layout on `world_size` ranks, without process
+    groups (for plans and checks made before any process starts)."""
+    if world_size % (cfg.tp * cfg.pp):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {cfg.tp * cfg.pp}")
+    return Mesh(world_size=world_size, rank=rank, tp=cfg.tp, pp=cfg.pp, dp=world_size // (cfg.tp * cfg.pp), ep=cfg.ep)
+
+
 def build_mesh(cfg: ParallelConfig) -> Mesh:
     """Create every process group (collectively: all ranks call this in the same order)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if world % (cfg.tp * cfg.pp):
-        raise ConfigError(f"world size {world} is not divisible by parallel.tp * parallel.pp = {cfg.tp * cfg.pp}")
-    mesh = Mesh(world_size=world, rank=rank, tp=cfg.tp, pp=cfg.pp, dp=world // (cfg.tp * cfg.pp), ep=cfg.ep)
+    mesh = layout_mesh(cfg, world, rank)
     for name, groups in layout_ranks(world, cfg.tp, cfg.pp, cfg.ep).items():
         for ranks in groups:
             group = dist.new_group(ranks) if world > 1 else None

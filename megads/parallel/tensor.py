@@ -1,9 +1,10 @@
 """Megatron-style tensor and sequence parallelism, applied to a plain DeepSeekV3 from outside.
 
 Heads of MLA, the dense MLP / shared-expert width and the vocabulary are split over the TP
-group. Column-parallel layers shard output features, row-parallel layers shard input
-features; the low-rank MLA down-projections, their norms, the router and the routed experts
-are replicated. Region boundaries (Megatron's f/g operators):
+group (`tensor_split_dims`, which the parallel plan declares). Column-parallel layers shard
+output features, row-parallel layers shard input features; the low-rank MLA down-projections,
+their norms, the router and the routed experts are replicated. `tensor_strategies` gives the
+layers the boundaries of the TP region (Megatron's f/g operators):
 
     without SP: copy (fwd identity, bwd all-reduce)    before the column-parallel layers
                 reduce (fwd all-reduce, bwd identity)  after the row-parallel layers
@@ -11,19 +12,22 @@ are replicated. Region boundaries (Megatron's f/g operators):
                 scatter (fwd reduce-scatter of the sequence, bwd all-gather)
 
 With sequence parallelism activations between blocks are [b, s/tp, d], so a replicated
-parameter sees different tokens on every TP rank: its gradient is summed over TP by a hook.
+parameter sees different tokens on every TP rank: its gradient is summed over TP by a hook
+(`reduce_grad_over_tp`, for the tensors the plan marks `tp_grad_sum`).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megads.model.deepseek_v3 import DeepSeekV3
-from megads.model.layers import Embedding, Linear, MLP
-from megads.model.mla import MLA
-from megads.model.moe import MoE
+from megads.model.deepseek_v3 import DeepSeekV3, OutputStrategy
+from megads.model.layers import MLP, EmbeddingStrategy, LinearStrategy
+from megads.model.mla import MLA, AttentionStrategy
+from megads.model.moe import MoE, MoEStrategy
 from megads.parallel.mesh import Mesh
 
 SEQ_DIM = 1
@@ -78,65 +82,48 @@ class _RegionOp(torch.autograd.Function):
         return ctx.backward(grad, ctx.group), None, None, None
 
 
-def copy_to_tp(x, group):
-    """Replicated activations into column-parallel layers: gradients summed over TP."""
-    return _RegionOp.apply(x, group, _identity, _all_reduce)
+# kind -> (forward, backward) of each boundary:
+_REGIONS = {
+    "copy": (_identity, _all_reduce),              # replicated activations into column-parallel layers
+    "reduce": (_all_reduce, _identity),            # partial sums of row-parallel layers (or statistics) summed
+    "gather": (_all_gather_seq, _reduce_scatter_seq),   # sequence shards [b, s/tp, d] into the region [b, s, d]
+    "scatter": (_reduce_scatter_seq, _all_gather_seq),  # partial sums [b, s, d] out into sequence shards
+    "split": (_slice_seq, _all_gather_seq),        # this rank's slice [b, s/tp, d] of a TP-replicated tensor
+    "merge": (_all_gather_seq, _slice_seq),        # the slices concatenated; each rank keeps its gradient slice
+}
 
 
-def reduce_from_tp(x, group):
-    """Partial sums of row-parallel layers (or statistics) summed over TP."""
-    return _RegionOp.apply(x, group, _all_reduce, _identity)
+@dataclass(frozen=True)
+class TPRegion:
+    """A region boundary as a layer strategy holds it: one of the kinds above over `group`."""
+    kind: str
+    group: object
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        forward, backward = _REGIONS[self.kind]
+        return _RegionOp.apply(x, self.group, forward, backward)
+
+    def __repr__(self) -> str:
+        return self.kind
 
 
-def gather_sequence(x, group):
-    """Sequence-parallel shards [b, s/tp, d] into the TP region [b, s, d] (gradients reduce-scattered)."""
-    return _RegionOp.apply(x, group, _all_gather_seq, _reduce_scatter_seq)
+# ----------------------------------------------------------------------------- vocabulary parallelism
 
+@dataclass(frozen=True)
+class VocabParallelLookup:
+    """The embedding lookup of rows [vocab_start, vocab_start + vocab/tp): other ranks' tokens
+    contribute zeros, and the partial lookups are summed (or reduce-scattered under SP) by `leave`."""
+    vocab_start: int
+    leave: TPRegion
 
-def scatter_sequence(x, group):
-    """Partial sums [b, s, d] out of the TP region into sequence shards [b, s/tp, d]."""
-    return _RegionOp.apply(x, group, _reduce_scatter_seq, _all_gather_seq)
+    def __call__(self, tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.leave(out)
 
-
-def split_sequence(x, group):
-    """This TP rank's slice [b, s/tp, d] of a TP-replicated tensor (gradients all-gathered back)."""
-    return _RegionOp.apply(x, group, _slice_seq, _all_gather_seq)
-
-
-def merge_sequence(x, group):
-    """The TP ranks' slices concatenated into the replicated tensor; each keeps its gradient slice."""
-    return _RegionOp.apply(x, group, _all_gather_seq, _slice_seq)
-
-
-# ----------------------------------------------------------------------------- layers
-
-class ColumnParallelLinear(Linear):
-    """Output features split over TP. `input_op` brings the input into the TP region (copy or
-    sequence gather), or is None when the caller already did (MLA's to_heads)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_op is not None:
-            x = self.input_op(x, self.tp_group)
-        return self.gemm(x, self.weight)
-
-
-class RowParallelLinear(Linear):
-    """Input features split over TP; partial outputs summed (all-reduce or sequence reduce-scatter)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output_op(self.gemm(x, self.weight), self.tp_group)
-
-
-class VocabParallelEmbedding(Embedding):
-    """Rows [start, start + vocab/tp) of the embedding; other ranks' tokens contribute zeros,
-    and the partial lookups are summed (or reduce-scattered to sequence shards under SP)."""
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        start = self.vocab_start
-        local = tokens - start
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return self.output_op(out, self.tp_group)
+    def __repr__(self) -> str:
+        return f"vocab-parallel lookup (from {self.vocab_start}, then {self.leave!r})"
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -166,8 +153,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return (softmax - onehot) * grad.unsqueeze(-1), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group) -> torch.Tensor:
-    return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, group)
+@dataclass(frozen=True)
+class VocabParallelLoss:
+    """OutputStrategy.token_losses for logits split over the vocabulary (this rank's from vocab_start)."""
+    vocab_start: int
+    group: object
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return _VocabParallelCrossEntropy.apply(logits, targets, self.vocab_start, self.group)
+
+    def __repr__(self) -> str:
+        return f"vocab-parallel cross-entropy (from {self.vocab_start})"
 
 
 @torch.no_grad()
@@ -198,72 +194,53 @@ def gather_vocab(logits: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-# ----------------------------------------------------------------------------- applying TP to a model
+# ----------------------------------------------------------------------------- the TP part of the plan
 
-def _shard(param: nn.Parameter, dim: int, rank: int, size: int) -> nn.Parameter:
-    shard = nn.Parameter(param.detach().chunk(size, dim=dim)[rank].clone())
-    shard.tensor_model_parallel = True
-    shard.partition_dim = dim
-    return shard
+def tensor_split_dims(model: DeepSeekV3) -> dict[str, int]:
+    """Parameter name -> the dimension TP splits: MLA's heads, the MLP / shared-expert width
+    (column-parallel: output features, 0; row-parallel: input features, 1), the vocabulary."""
+    dims = {"embed_tokens.weight": 0, "lm_head.weight": 0}
+    for name, module in model.named_modules():
+        if isinstance(module, MLA):
+            q = "q_proj" if hasattr(module, "q_proj") else "q_b_proj"
+            dims.update({f"{name}.{q}.weight": 0, f"{name}.kv_b_proj.weight": 0, f"{name}.o_proj.weight": 1})
+        elif isinstance(module, MLP):
+            dims.update({f"{name}.gate_proj.weight": 0, f"{name}.up_proj.weight": 0, f"{name}.down_proj.weight": 1})
+    return dims
 
 
-def _to_column(linear: Linear, mesh: Mesh, input_op) -> None:
-    linear.__class__ = ColumnParallelLinear
-    linear.weight = _shard(linear.weight, 0, mesh.tp_rank, mesh.tp)
-    linear.out_features //= mesh.tp
-    linear.tp_group, linear.input_op = mesh.group("tp"), input_op
-
-
-def _to_row(linear: Linear, mesh: Mesh, output_op) -> None:
-    linear.__class__ = RowParallelLinear
-    linear.weight = _shard(linear.weight, 1, mesh.tp_rank, mesh.tp)
-    linear.in_features //= mesh.tp
-    linear.tp_group, linear.output_op = mesh.group("tp"), output_op
+def tensor_strategies(model: DeepSeekV3, mesh: Mesh, sequence_parallel: bool) -> dict[str, object]:
+    """Module name -> its strategy under TP (of a model whose weights the plan already split).
+    Inputs enter the TP region before column-parallel layers (copy, or the sequence all-gather
+    under SP) and partial sums leave it after row-parallel ones (all-reduce or reduce-scatter);
+    MLA's per-head projections take their latents through `to_heads` instead."""
+    group = mesh.group("tp")
+    into = TPRegion("gather" if sequence_parallel else "copy", group)
+    out_of = TPRegion("scatter" if sequence_parallel else "reduce", group)
+    strategies: dict[str, object] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MLA):
+            strategies[name] = AttentionStrategy(to_heads=into)
+            if hasattr(module, "q_proj"):
+                strategies[f"{name}.q_proj"] = LinearStrategy(enter=into)
+            strategies[f"{name}.o_proj"] = LinearStrategy(leave=out_of)
+        elif isinstance(module, MLP):
+            strategies.update({f"{name}.gate_proj": LinearStrategy(enter=into),
+                               f"{name}.up_proj": LinearStrategy(enter=into),
+                               f"{name}.down_proj": LinearStrategy(leave=out_of)})
+        elif isinstance(module, MoE) and sequence_parallel:
+            strategies[name] = MoEStrategy(reduce_stats=TPRegion("reduce", group))
+    vocab_start = mesh.tp_rank * (model.cfg.vocab_size // mesh.tp)
+    strategies["embed_tokens"] = EmbeddingStrategy(VocabParallelLookup(vocab_start, out_of))
+    strategies["lm_head"] = LinearStrategy(enter=into)
+    strategies[""] = OutputStrategy(VocabParallelLoss(vocab_start, group))
+    return strategies
 
 
 def reduce_grad_over_tp(param: nn.Parameter, group) -> None:
+    """Sum the parameter's gradient over the TP group as it is produced."""
     def hook(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
         dist.all_reduce(grad, group=group)
         return grad
     param.register_hook(hook)
-    param.sequence_parallel = True
-
-
-def parallelize_tensor(model: DeepSeekV3, mesh: Mesh, sequence_parallel: bool) -> DeepSeekV3:
-    """Shard `model` (built and initialised identically on every rank) over the TP group, in place."""
-    if mesh.tp == 1:
-        return model
-    group = mesh.group("tp")
-    into_tp = gather_sequence if sequence_parallel else copy_to_tp
-    out_of_tp = scatter_sequence if sequence_parallel else reduce_from_tp
-    sharded: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, MLA):
-            module.to_heads = lambda x, g=group: into_tp(x, g)
-            if hasattr(module, "q_proj"):
-                _to_column(module.q_proj, mesh, into_tp)
-            else:
-                _to_column(module.q_b_proj, mesh, None)
-            _to_column(module.kv_b_proj, mesh, None)
-            _to_row(module.o_proj, mesh, out_of_tp)
-        elif isinstance(module, MLP):
-            _to_column(module.gate_proj, mesh, into_tp)
-            _to_column(module.up_proj, mesh, into_tp)
-            _to_row(module.down_proj, mesh, out_of_tp)
-        elif isinstance(module, MoE) and sequence_parallel:
-            module.reduce_sequence_stats = lambda x, g=group: reduce_from_tp(x, g)
-    embed = model.embed_tokens
-    embed.__class__ = VocabParallelEmbedding
-    embed.weight = _shard(embed.weight, 0, mesh.tp_rank, mesh.tp)
-    embed.vocab_start = mesh.tp_rank * embed.weight.shape[0]
-    embed.tp_group, embed.output_op = group, out_of_tp
-    _to_column(model.lm_head, mesh, into_tp)
-    vocab_start = embed.vocab_start
-    model.token_losses = lambda logits, targets: vocab_parallel_cross_entropy(logits, targets, vocab_start, group)
-    sharded.update(id(p) for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
-    if sequence_parallel:
-        for p in model.parameters():
-            if id(p) not in sharded:
-                reduce_grad_over_tp(p, group)
-    return model

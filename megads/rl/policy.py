@@ -15,24 +15,25 @@ from megads.model.deepseek_v3 import DeepSeekV3
 from megads.model.moe import Router
 from megads.parallel.builder import build_model
 from megads.parallel.mesh import Mesh
+from megads.parallel.plan import ParallelPlan
 
 
-def build_policy(cfg: Config, mesh: Mesh, device: torch.device, init: str | None) -> DeepSeekV3:
-    """The model of `cfg.model` sharded over `mesh`, with the weights of checkpoint `init` (any
-    layout), or the seeded initialisation of pretraining when `init` is None."""
-    model = build_model(cfg, mesh, device).model         # no FP8, no pipeline: refused for SFT / GRPO
+def build_policy(cfg: Config, mesh: Mesh, device: torch.device, init: str | None) -> tuple[DeepSeekV3, ParallelPlan]:
+    """The model of `cfg.model` sharded over `mesh` and its plan, with the weights of checkpoint
+    `init` (any layout), or the seeded initialisation of pretraining when `init` is None."""
+    built = build_model(cfg, mesh, device)              # no FP8, no pipeline: refused for SFT / GRPO
     if init is not None:
-        load_model_weights(init, model, mesh)
+        load_model_weights(init, built.model, built.plan)
     # Post-training runs no MTP depth: frozen, they keep their pretrained weights under every
     # optimizer (ZeRO's flat partitions would otherwise weight-decay them without a gradient).
-    model.mtp.requires_grad_(False)
-    return model
+    built.model.mtp.requires_grad_(False)
+    return built.model, built.plan
 
 
 def build_reference(cfg: Config, mesh: Mesh, device: torch.device, init: str | None) -> DeepSeekV3:
     """The frozen reference for the KL penalty: the starting weights, without gradients (rebuilt
     from `init`, so a resumed run keeps the original reference)."""
-    return build_policy(cfg, mesh, device, init).requires_grad_(False)
+    return build_policy(cfg, mesh, device, init)[0].requires_grad_(False)
 
 
 def decoder_routers(model: DeepSeekV3) -> dict[str, Router]:
@@ -58,21 +59,10 @@ def capture_routes(model: DeepSeekV3) -> Iterator[dict[str, torch.Tensor]]:
 def replay_routes(model: DeepSeekV3, routes: dict[str, torch.Tensor] | None) -> Iterator[None]:
     """Within the block, every MoE decoder layer uses the experts `routes[layer]` [b, s, k] for the
     tokens [b, s] of the forward instead of choosing them (routing replay). None: no replay."""
-    routers = decoder_routers(model) if routes is not None else {}
-
-    def replay(chosen: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
-        if recorded.numel() != chosen.numel():
-            raise ValueError(f"routing replay holds {tuple(recorded.shape)} expert ids for a forward that routes "
-                             f"{tuple(chosen.shape)}; replay the rollout's token batch")
-        return recorded.reshape(chosen.shape).to(chosen.device)
-
-    for name, router in routers.items():
-        router.replay = lambda chosen, r=routes[name]: replay(chosen, r)
-    try:
+    with contextlib.ExitStack() as stack:
+        for name, router in (decoder_routers(model) if routes is not None else {}).items():
+            stack.enter_context(router.replay(routes[name]))
         yield
-    finally:
-        for router in routers.values():
-            router.replay = None
 
 
 def token_logprobs(model: DeepSeekV3, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

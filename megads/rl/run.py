@@ -28,9 +28,9 @@ class PolicyRun(TrainingLoop):
         self.tokenizer = tokenizer
         self.settings = getattr(cfg, self.section)
         self.log_prefix = f"{self.section} "
-        self.model = build_policy(cfg, self.mesh, self.device, self.settings.init)
-        self.optimizer = build_optimizer(self.model, cfg.train, self.device)
-        self.stepper = build_step_optimizer(self.model, self.optimizer, self.mesh, self.optimizer_config())
+        self.model, self.plan = build_policy(cfg, self.mesh, self.device, self.settings.init)
+        self.optimizer = build_optimizer(self.model, self.plan, cfg.train, self.device)
+        self.stepper = build_step_optimizer(self.model, self.optimizer, self.plan, self.optimizer_config())
         self.eval_set = held_out_problems(cfg.train.seed, self.settings.tiers, self.settings.eval_problems)
         self.eval_max_new_tokens = 0                   # set by the subclass
 

@@ -43,7 +43,8 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 
 class TrainingLoop:
-    """Base of the stages. Subclasses build `model`, `optimizer` and `stepper` in their __init__
+    """Base of the stages. Subclasses build `model` (with its parallel `plan`), `optimizer` and
+    `stepper` in their __init__
     after calling this one, and implement the hooks below."""
 
     log_prefix = ""                      # before "step N/M" in log lines, e.g. "sft "
@@ -128,7 +129,7 @@ class TrainingLoop:
                 f"and a lower train.lr (or the data moved past the bad batches)")
 
     def save(self) -> str:
-        return save_checkpoint(self.cfg.checkpoint_dir, self.step, self.model, self.stepper, self.mesh,
+        return save_checkpoint(self.cfg.checkpoint_dir, self.step, self.model, self.stepper, self.plan,
                                self.state_dict(), self.cfg.checkpoint.keep_last, self.checkpoint_metadata())
 
     def save_if_healthy(self) -> bool:
@@ -148,7 +149,7 @@ class TrainingLoop:
         c = self.cfg.checkpoint
         path = None if c.resume == "none" else latest_checkpoint(self.cfg.checkpoint_dir) if c.resume == "auto" else c.resume
         if path is not None:
-            state = load_checkpoint(path, self.model, self.stepper, self.mesh, verify=c.verify,
+            state = load_checkpoint(path, self.model, self.stepper, self.plan, verify=c.verify,
                                     weights_only=c.weights_only)
             if state is not None:
                 self.load_state_dict(state)
@@ -160,7 +161,9 @@ class TrainingLoop:
         """Train to train.steps or the stage's target; with `preemption`, stop after the step in which
         a preemption signal arrived, save a checkpoint and return with "preempted": True."""
         cfg, t = self.cfg, self.cfg.train
-        check_checkpoint_space(cfg.checkpoint_dir, self.model, self.stepper, self.mesh, cfg.checkpoint.keep_last)
+        for line in self.plan.table().splitlines() + [f"strategy of {s}" for s in self.plan.strategy_lines()]:
+            log.info(line)
+        check_checkpoint_space(cfg.checkpoint_dir, self.model, self.stepper, self.plan, cfg.checkpoint.keep_last)
         resumed = self.maybe_resume()
         if resumed:
             log.info(f"{self.log_prefix}resumed from {resumed} at step {self.step}")

@@ -16,6 +16,7 @@ from megads.config import Config, lr_at, schedule_value
 from megads.data import BatchLoader, PackedSequences, PreparedData
 from megads.model.moe import balance_loss_scale
 from megads.parallel.builder import build_model
+from megads.parallel.expert import AllToAllExchange
 from megads.parallel.data import build_step_optimizer
 from megads.parallel.mesh import Mesh
 from megads.parallel.pipeline.schedules import forward_pass
@@ -48,12 +49,12 @@ class Trainer(TrainingLoop):
         super().__init__(cfg, mesh, device)
         t = cfg.train
         built = build_model(cfg, self.mesh, self.device, self.autocast)
-        # Under PP the rank keeps its stages only (global names; mirrored copies marked `pipeline_mirror`).
-        self.model, self.fp8_recipe, self.pipeline = built.model, built.fp8_recipe, built.pipeline
+        # Under PP the rank keeps its stages only (global names; the plan knows which copies are mirrors).
+        self.model, self.plan, self.fp8_recipe, self.pipeline = built.model, built.plan, built.fp8_recipe, built.pipeline
         for moe in self.model.moe_layers():
             moe.balance_alpha = t.seq_aux_alpha
-        self.optimizer = build_optimizer(self.model, t, self.device)
-        self.stepper = build_step_optimizer(self.model, self.optimizer, self.mesh, cfg)
+        self.optimizer = build_optimizer(self.model, self.plan, t, self.device)
+        self.stepper = build_step_optimizer(self.model, self.optimizer, self.plan, cfg)
         eos = data.tokenizer.eos_id
         self.train_batches = BatchLoader(PackedSequences(data.train, t.seq_len, t.seed, eos), t.global_batch,
                                          t.micro_batch, self.mesh.dp_rank, self.mesh.dp)
@@ -136,12 +137,12 @@ class Trainer(TrainingLoop):
         nodes one token was sent to (max over layers and ranks); both counters are reset."""
         sent, nodes = 0, 0
         for moe in self.model.moe_layers():
-            experts = moe.experts
-            if hasattr(experts, "tokens_sent_off_rank"):
-                sent += experts.tokens_sent_off_rank
-                nodes = max(nodes, int(experts.max_nodes_per_token))
-                experts.tokens_sent_off_rank = 0
-                experts.max_nodes_per_token.zero_()
+            exchange = moe.experts.strategy.exchange
+            if isinstance(exchange, AllToAllExchange):
+                sent += exchange.stats.tokens_sent_off_rank
+                nodes = max(nodes, int(exchange.stats.max_nodes_per_token))
+                exchange.stats.tokens_sent_off_rank = 0
+                exchange.stats.max_nodes_per_token.zero_()
         totals = torch.tensor([float(sent), float(nodes)], device=self.device)
         if self.mesh.ep > 1:
             dist.all_reduce(totals[:1])

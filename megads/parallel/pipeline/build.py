@@ -13,7 +13,7 @@ from megads.parallel.pipeline.executor import MirrorSet, PipelineExecutor
 from megads.parallel.pipeline.p2p import build_p2p
 from megads.parallel.pipeline.placement import holders, keep_stages, stage_specs
 from megads.parallel.pipeline.schedules import build_schedule
-from megads.parallel.pipeline.zero_bubble import WeightGradStore, defer_weight_gradients
+from megads.parallel.pipeline.zero_bubble import WeightGradStore
 
 
 def micro_batches_per_step(cfg: Config, dp: int) -> int:
@@ -23,7 +23,9 @@ def micro_batches_per_step(cfg: Config, dp: int) -> int:
 def build_pipeline(model: DeepSeekV3, cfg: Config, mesh: Mesh,
                    autocast: Callable[[], contextlib.AbstractContextManager]) -> PipelineExecutor:
     """Prune `model` to this rank's stages (in place), create the mirror groups (collective: every
-    rank calls this), and return the executor of the configured schedule."""
+    rank calls this), and return the executor of the configured schedule. When the schedule
+    splits backward (`schedule.splits_backward`), the model builder gives the plain GEMMs the
+    zero-bubble deferral."""
     p, t, m = cfg.parallel, cfg.train, cfg.model
     schedule = build_schedule(p.pipeline_schedule, mesh.pp, micro_batches_per_step(cfg, mesh.dp))
     mtp = m.mtp_depth > 0
@@ -43,8 +45,6 @@ def build_pipeline(model: DeepSeekV3, cfg: Config, mesh: Mesh,
                          [moe for n, moe in model.named_moe_layers() if holder_sets[n] == ranks])
                for ranks, group in groups.items()]
     store = WeightGradStore()
-    if any(a.kind == "B" for acts in schedule.actions for a in acts):
-        defer_weight_gradients(model)
     chunks = {c: specs[schedule.stage_of(mesh.pp_rank, c)] for c in schedule.chunks(mesh.pp_rank)}
     hidden = (t.micro_batch, t.seq_len // (mesh.tp if p.sequence_parallel else 1), m.hidden_size)
     return PipelineExecutor(model, schedule, chunks, mesh.pp_rank, build_p2p(mesh), store, hidden, mirrors,

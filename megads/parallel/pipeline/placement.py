@@ -8,10 +8,9 @@ whose parameter names stay global (`layers.{i}` ...), and drops the rest.
 A parameter held by several pipeline ranks — every parameter under DualPipe (rank r holds
 stages r and pp-1-r), the embedding on the last stage when MTP runs away from the first —
 is a set of mirrored copies: their gradients are summed over those ranks before the optimizer
-step, so the copies stay identical. On every rank but the parameter's home (the rank that runs
-its stage as chunk 0), the copy carries `pipeline_mirror = True` (and DeepSpeed's
-`ds_pipe_replicated`), parameters and buffers (the router bias) alike: gradient norms and
-checkpoints count the home copy only.
+step, so the copies stay identical. The parallel plan lists a tensor's holders, its home (the
+rank that runs its stage as chunk 0) first: gradient norms and checkpoints count the home copy
+only, parameters and buffers (the router bias) alike.
 """
 from __future__ import annotations
 
@@ -67,8 +66,8 @@ def holders(name: str, schedule: Schedule, specs: list[StageSpec], mtp: bool) ->
 
 
 def keep_stages(model: DeepSeekV3, schedule: Schedule, specs: list[StageSpec], pp_rank: int) -> list[StageSpec]:
-    """Drop from `model` (in place) everything this rank's chunks do not use; mark mirrored copies.
-    Returns this rank's stage of each chunk."""
+    """Drop from `model` (in place) everything this rank's chunks do not use. Returns this rank's
+    stage of each chunk."""
     mine = [specs[schedule.stage_of(pp_rank, c)] for c in schedule.chunks(pp_rank)]
     layers = {i for s in mine for i in s.layers}
     for key in [k for k in model.layers if int(k) not in layers]:
@@ -79,12 +78,4 @@ def keep_stages(model: DeepSeekV3, schedule: Schedule, specs: list[StageSpec], p
         model.mtp = type(model.mtp)()
     if not any(s.first for s in mine) and not (mtp and any(s.last for s in mine)):
         model.embed_tokens = None
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if holders(name, schedule, specs, mtp)[0] != pp_rank:
-            t.pipeline_mirror = True
-            t.ds_pipe_replicated = True
     return mine
-
-
-def is_mirror(p) -> bool:
-    return getattr(p, "pipeline_mirror", False)

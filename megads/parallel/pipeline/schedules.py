@@ -52,6 +52,11 @@ class Schedule:
     def n_stages(self) -> int:
         return len(self.paths[0])
 
+    @property
+    def splits_backward(self) -> bool:
+        """Whether the schedule has B actions, whose weight gradients wait for W actions."""
+        return any(a.kind == "B" for acts in self.actions for a in acts)
+
     def direction(self, mb: int) -> int:
         return 0 if len(self.paths) == 1 else int(mb >= self.n_micro // 2)
 

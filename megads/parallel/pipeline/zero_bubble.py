@@ -7,13 +7,14 @@ input gradient. The W action (`store.flush(key)`) runs the queued computations a
 result to autograd as the parameter's gradient, so parameter hooks (sequence-parallel
 reductions, DeepSpeed's) run as for any gradient.
 
-`DeferredGemm` is the `Linear.gemm` that does so for the plain product (dx = dy W now,
+`DeferredGemm` is the `LinearStrategy.gemm` that does so for the plain product (dx = dy W now,
 dW = dy^T x later); any other GEMM (the routed experts' `grouped_linear`, FP8's Wgrad) defers
 through `weight_grad_now_or_later` by itself.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Iterator
 
 import torch
@@ -70,7 +71,10 @@ class _DeferredLinear(torch.autograd.Function):
 
 
 class DeferredGemm:
-    """A `Linear.gemm` (F.linear) whose weight gradient can wait for the schedule's W action."""
+    """A `LinearStrategy.gemm` (F.linear) whose weight gradient can wait for the schedule's W action."""
+
+    def __repr__(self) -> str:
+        return "deferred-wgrad"
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
@@ -80,13 +84,14 @@ class DeferredGemm:
         return _DeferredLinear.apply(x, weight)
 
 
-def defer_weight_gradients(model: nn.Module) -> int:
-    """Give every plain `Linear` (gemm = F.linear) of `model` a DeferredGemm; returns how many.
-    Linears with another GEMM keep it (it defers through megads.model.deferral if it supports it);
-    the routed experts' grouped GEMMs defer by themselves."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Linear) and module.gemm is F.linear:
-            module.gemm = DeferredGemm()
-            count += 1
-    return count
+def deferred_strategies(model: nn.Module, strategies: dict[str, object]) -> dict[str, object]:
+    """Module name -> its strategy with a DeferredGemm, for every `Linear` whose GEMM (in
+    `strategies`, else its own) is the plain F.linear. Other GEMMs defer through
+    megads.model.deferral by themselves, as do the routed experts' grouped GEMMs."""
+    out: dict[str, object] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            current = strategies.get(name, module.strategy)
+            if current.gemm is F.linear:
+                out[name] = replace(current, gemm=DeferredGemm())
+    return out
