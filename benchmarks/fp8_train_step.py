@@ -8,7 +8,9 @@ tokens, accumulated), single process (no DeepSpeed): forward under bf16 autocast
 global-norm clipping, fused AdamW on fp32 master weights, router-bias update. Timed variants
 (config overrides of the bench config, --variants):
 
-  bf16                    fp8.enabled=false (grouped_mm experts, cuDNN attention)
+  bf16                    fp8.enabled=false, train.compile=none (grouped_mm experts, cuDNN attention)
+  bf16, compiled          the same with train.compile=layers (each decoder layer torch.compiled;
+                          the default on one GPU without FP8)
   fp8                     fp8.enabled=true, backend torch, weights quantised once per step
   fp8, no weight cache    the same, re-quantising every weight in every micro-batch
   fp8, bf16 experts       FP8 for the dense and attention projections, routed experts in bf16
@@ -51,7 +53,8 @@ from megads.config import load_config                                      # noq
 from megads.data import prepare_data                                       # noqa: E402
 from megads.train.trainer import Trainer                                   # noqa: E402
 
-VARIANTS = {"bf16": ["fp8.enabled=false"],
+VARIANTS = {"bf16": ["fp8.enabled=false", "train.compile=none"],
+            "bf16, compiled": ["fp8.enabled=false", "train.compile=layers"],
             "fp8": ["fp8.enabled=true"],
             "fp8, no weight cache": ["fp8.enabled=true", "fp8.cache_weights=false"],
             "fp8, bf16 experts": ["fp8.enabled=true", "fp8.exclude=['*.experts', '*.experts.*']"]}

@@ -102,6 +102,8 @@ class TrainConfig:
     seed: int = 1234
     device: str = "auto"                   # auto | cpu | cuda
     dtype: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    compile: str = "auto"                  # auto (layers on one GPU without FP8) | layers (torch.compile each
+                                           # decoder layer, as torchtitan's regional compile) | none
     bias_update_speed: float | list = 0.001  # gamma, or [[step, gamma], ...]
     bias_recenter: bool = False
     seq_aux_alpha: float = 0.0001
@@ -214,6 +216,7 @@ class Config:
         _validate_data(self.data)
         _validate_parallel(self.parallel, self.model, self.train, world_size)
         _validate_fp8(self.fp8, self.train, self.parallel)
+        _validate_compile(self.train, self.parallel, self.fp8)
         _validate_checkpoint(self.checkpoint)
         _validate_sft(self.sft)
         _validate_grpo(self.grpo)
@@ -242,6 +245,8 @@ class Config:
         _require(p.pp == 1, "SFT and GRPO run without pipeline parallelism; set parallel.pp=1")
         _require(not self.fp8.enabled, "SFT and GRPO train in bf16 / fp32 (FP8 is a pretraining recipe); "
                                        "set fp8.enabled=false")
+        _require(self.train.compile != "layers", "SFT and GRPO run their layers eagerly (generation feeds them "
+                                                 "a new shape every token); set train.compile=auto or none")
         dp = world_size // p.tp
         _require(problems % dp == 0, f"{problems} problems per batch (grpo.prompts_per_step / eval_problems) are not "
                                      f"divisible by the data-parallel size {dp}")
@@ -373,6 +378,18 @@ def _validate_schedule(value: float | list, key: str) -> None:
         _require(steps == sorted(set(steps)), f"train.{key}: steps must increase, got {steps}")
 
 
+def _validate_compile(t: TrainConfig, p: ParallelConfig, f: FP8Config) -> None:
+    """Compiled layers are measured on one GPU in bf16; with model parallelism or FP8 the layers hold
+    collectives and cached quantisations that compilation has not been checked against."""
+    if t.compile != "layers":
+        return
+    others = [f"parallel.{k}={getattr(p, k)}" for k in ("tp", "ep", "pp") if getattr(p, k) > 1] \
+        + (["fp8.enabled=true"] if f.enabled else [])
+    _require(not others, f"train.compile=layers compiles the layers of runs without tensor, expert or pipeline "
+                         f"parallelism and without FP8, but this config has {', '.join(others)}; "
+                         f"use train.compile=auto (which compiles only where it applies) or none")
+
+
 def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
     for key in ("steps", "global_batch", "micro_batch", "seq_len", "log_interval"):
         _require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
@@ -400,6 +417,7 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _require(t.eps > 0, f"train.eps must be positive (AdamW divides by sqrt(v) + eps), got {t.eps}")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
     _require(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype must be auto, bf16 or fp32, got {t.dtype!r}")
+    _require(t.compile in ("auto", "layers", "none"), f"train.compile must be auto, layers or none, got {t.compile!r}")
     _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables clipping), got {t.grad_clip}")
     _require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     _require(t.eval_interval >= 0 and t.eval_batches >= 1, "train.eval_interval must be >= 0 and train.eval_batches >= 1")

@@ -73,6 +73,8 @@ def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """torch._grouped_mm needs bf16 on Hopper (fp32 or bf16 on CPU) and 16-byte-aligned rows."""
     if x.shape[0] == 0:
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False                     # torch.compile traces it with a meta kernel that takes bf16 only
     if x.device.type == "cuda":
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
             return False

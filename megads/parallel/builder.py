@@ -8,6 +8,8 @@ parallelisms are applied from outside, always in this order:
     expert   parallel/expert.py    keep this EP rank's routed experts; exchange rows all-to-all
     fp8      fp8/apply.py          FP8 GEMMs on the local shards (they see TP / EP slices)
     pipeline parallel/pipeline/    keep this rank's stages, defer weight gradients, the executor
+    compile  (here)                torch.compile each decoder layer (`train.compile`), last: it
+                                   traces the layers as the steps before left them
 
 Weights are split as the plan says (`shard`); each step says how layers run by giving strategies
 (module name -> a layer's strategy dataclass), a later step refining an earlier one's; the
@@ -28,6 +30,7 @@ from torch import nn
 from megads.config import Config
 from megads.fp8 import build_recipe, fp8_send_rows, fp8_strategies
 from megads.fp8.linear import FP8Recipe
+from megads.model.block import DecoderLayer
 from megads.model.deepseek_v3 import DeepSeekV3
 from megads.model.moe import ExpertsStrategy
 from megads.parallel.expert import AllToAllExchange, expert_strategies
@@ -38,7 +41,7 @@ from megads.parallel.pipeline.zero_bubble import deferred_strategies
 from megads.parallel.plan import ParallelPlan, plan_layout, shard
 from megads.parallel.tensor import reduce_grad_over_tp, tensor_strategies
 
-ORDER = ("tensor", "expert", "fp8", "pipeline")
+ORDER = ("tensor", "expert", "fp8", "pipeline", "compile")
 
 
 @dataclass
@@ -52,10 +55,11 @@ class BuiltModel:
 
 def build_model(cfg: Config, mesh: Mesh, device: torch.device,
                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                initialise: bool = True) -> BuiltModel:
+                initialise: bool = True, compile_backend: str = "inductor") -> BuiltModel:
     """The model of `cfg` on this rank of `mesh`. `initialise=False` skips the seeded weights (a
     checkpoint fills them, or the model lives on the meta device to read shapes); `autocast` is
-    the context the pipeline runs its pieces in."""
+    the context the pipeline runs its pieces in; `compile_backend` is torch.compile's when
+    `train.compile` compiles the layers."""
     plan = plan_layout(cfg, mesh)
     torch.manual_seed(cfg.train.seed)
     if device.type == "meta":
@@ -87,13 +91,26 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device,
         if pipeline.schedule.splits_backward:
             strategies.update(deferred_strategies(model, strategies))
         applied.append("pipeline")
-    assert tuple(applied) == tuple(s for s in ORDER if s in applied)
     plan.strategies = _hand_over(model, strategies)
     for name, param in model.named_parameters():
         if plan.placements[name].tp_grad_sum:
             reduce_grad_over_tp(param, mesh.group("tp"))
     plan.bind(model)
+    if compiles_layers(cfg, mesh, device):
+        for layer in model.modules():
+            if isinstance(layer, DecoderLayer):
+                layer.compile(backend=compile_backend)
+        applied.append("compile")
+    assert tuple(applied) == tuple(s for s in ORDER if s in applied)
     return BuiltModel(model, plan, recipe, pipeline, tuple(applied))
+
+
+def compiles_layers(cfg: Config, mesh: Mesh, device: torch.device) -> bool:
+    """`train.compile`: layers, or auto on one GPU's worth of layout (no TP, EP or PP) without FP8,
+    the setting measured in benchmarks/RESULTS.md."""
+    if cfg.train.compile == "auto":
+        return device.type == "cuda" and mesh.tp == mesh.ep == mesh.pp == 1 and not cfg.fp8.enabled
+    return cfg.train.compile == "layers"
 
 
 def _fp8_dispatch(strategies: dict[str, object], recipe: FP8Recipe) -> dict[str, object]:

@@ -5,6 +5,7 @@ the MoE layers."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -21,7 +22,8 @@ from megads.parallel.plan import ParallelPlan
 def build_policy(cfg: Config, mesh: Mesh, device: torch.device, init: str | None) -> tuple[DeepSeekV3, ParallelPlan]:
     """The model of `cfg.model` sharded over `mesh` and its plan, with the weights of checkpoint
     `init` (any layout), or the seeded initialisation of pretraining when `init` is None."""
-    built = build_model(cfg, mesh, device)              # no FP8, no pipeline: refused for SFT / GRPO
+    # No FP8, no pipeline (refused for SFT / GRPO); eager layers: generation changes their shapes every token.
+    built = build_model(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="none")), mesh, device)
     if init is not None:
         load_model_weights(init, built.model, built.plan)
     # Post-training runs no MTP depth: frozen, they keep their pretrained weights under every
