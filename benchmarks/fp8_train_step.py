@@ -8,9 +8,11 @@ tokens, accumulated), single process (no DeepSpeed): forward under bf16 autocast
 global-norm clipping, fused AdamW on fp32 master weights, router-bias update. Timed variants
 (config overrides of the bench config, --variants):
 
-  bf16                    fp8.enabled=false, train.compile=none (grouped_mm experts, cuDNN attention)
-  bf16, compiled          the same with train.compile=layers (each decoder layer torch.compiled;
-                          the default on one GPU without FP8)
+  bf16                    fp8.enabled=false, train.compile=none, train.head_loss=plain (grouped_mm
+                          experts, cuDNN attention)
+  bf16, compiled          the same with train.compile=layers (each decoder layer torch.compiled)
+  bf16, fused head        the same with train.head_loss=fused (head + cross-entropy in chunks)
+  bf16, compiled + fused head   both
   fp8                     fp8.enabled=true, backend torch, weights quantised once per step
   fp8, no weight cache    the same, re-quantising every weight in every micro-batch
   fp8, bf16 experts       FP8 for the dense and attention projections, routed experts in bf16
@@ -53,11 +55,14 @@ from megads.config import load_config                                      # noq
 from megads.data import prepare_data                                       # noqa: E402
 from megads.train.trainer import Trainer                                   # noqa: E402
 
-VARIANTS = {"bf16": ["fp8.enabled=false", "train.compile=none"],
-            "bf16, compiled": ["fp8.enabled=false", "train.compile=layers"],
-            "fp8": ["fp8.enabled=true"],
-            "fp8, no weight cache": ["fp8.enabled=true", "fp8.cache_weights=false"],
-            "fp8, bf16 experts": ["fp8.enabled=true", "fp8.exclude=['*.experts', '*.experts.*']"]}
+PLAIN = ["train.compile=none", "train.head_loss=plain"]
+VARIANTS = {"bf16": ["fp8.enabled=false", *PLAIN],
+            "bf16, compiled": ["fp8.enabled=false", "train.compile=layers", "train.head_loss=plain"],
+            "bf16, fused head": ["fp8.enabled=false", "train.compile=none", "train.head_loss=fused"],
+            "bf16, compiled + fused head": ["fp8.enabled=false", "train.compile=layers", "train.head_loss=fused"],
+            "fp8": ["fp8.enabled=true", *PLAIN],
+            "fp8, no weight cache": ["fp8.enabled=true", "fp8.cache_weights=false", *PLAIN],
+            "fp8, bf16 experts": ["fp8.enabled=true", "fp8.exclude=['*.experts', '*.experts.*']", *PLAIN]}
 LOSS_OVERRIDES = ["train.lr=3e-4", "train.min_lr=3e-5", "train.warmup_steps=50", "train.global_batch=2"]
 LOSS_ARMS = ["bf16:1234", "bf16:1234", "fp8:1234", "bf16:4321", "fp8:4321"]
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::_scaled_mm",

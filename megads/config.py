@@ -104,6 +104,8 @@ class TrainConfig:
     dtype: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     compile: str = "auto"                  # auto (layers on one GPU without FP8) | layers (torch.compile each
                                            # decoder layer, as torchtitan's regional compile) | none
+    head_loss: str = "plain"               # plain (all tokens' logits, then the cross-entropy) | fused (output head
+                                           # + cross-entropy a chunk of tokens at a time: no fp32 logits of all tokens)
     bias_update_speed: float | list = 0.001  # gamma, or [[step, gamma], ...]
     bias_recenter: bool = False
     seq_aux_alpha: float = 0.0001
@@ -216,7 +218,7 @@ class Config:
         _validate_data(self.data)
         _validate_parallel(self.parallel, self.model, self.train, world_size)
         _validate_fp8(self.fp8, self.train, self.parallel)
-        _validate_compile(self.train, self.parallel, self.fp8)
+        _validate_fusion(self.train, self.parallel, self.fp8)
         _validate_checkpoint(self.checkpoint)
         _validate_sft(self.sft)
         _validate_grpo(self.grpo)
@@ -378,9 +380,13 @@ def _validate_schedule(value: float | list, key: str) -> None:
         _require(steps == sorted(set(steps)), f"train.{key}: steps must increase, got {steps}")
 
 
-def _validate_compile(t: TrainConfig, p: ParallelConfig, f: FP8Config) -> None:
-    """Compiled layers are measured on one GPU in bf16; with model parallelism or FP8 the layers hold
-    collectives and cached quantisations that compilation has not been checked against."""
+def _validate_fusion(t: TrainConfig, p: ParallelConfig, f: FP8Config) -> None:
+    """The fused head needs the whole vocabulary on the rank. Compiled layers are measured on one GPU
+    in bf16; with model parallelism or FP8 the layers hold collectives and cached quantisations
+    that compilation has not been checked against."""
+    _require(t.head_loss != "fused" or p.tp == 1,
+             f"train.head_loss=fused takes the whole vocabulary on one rank, but parallel.tp={p.tp} splits it (the "
+             f"vocabulary-parallel cross-entropy never gathers the logits either); use train.head_loss=plain")
     if t.compile != "layers":
         return
     others = [f"parallel.{k}={getattr(p, k)}" for k in ("tp", "ep", "pp") if getattr(p, k) > 1] \
@@ -418,6 +424,7 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
     _require(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype must be auto, bf16 or fp32, got {t.dtype!r}")
     _require(t.compile in ("auto", "layers", "none"), f"train.compile must be auto, layers or none, got {t.compile!r}")
+    _require(t.head_loss in ("plain", "fused"), f"train.head_loss must be plain or fused, got {t.head_loss!r}")
     _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables clipping), got {t.grad_clip}")
     _require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     _require(t.eval_interval >= 0 and t.eval_batches >= 1, "train.eval_interval must be >= 0 and train.eval_batches >= 1")

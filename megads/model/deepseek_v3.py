@@ -11,6 +11,7 @@ from torch import nn
 
 from megads.config import ModelConfig
 from megads.model.block import DecoderLayer
+from megads.model.head_loss import linear_cross_entropy
 from megads.model.layers import Embedding, Linear, RMSNorm
 from megads.model.mla import LatentCache
 from megads.model.moe import MoE, GroupedExperts, Router
@@ -25,8 +26,11 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 @dataclass(frozen=True)
 class OutputStrategy:
     """`token_losses(logits [n, vocab], targets [n]) -> [n]`: per-token cross-entropy; vocabulary-
-    parallel (logits [n, vocab/tp]) under tensor parallelism."""
+    parallel (logits [n, vocab/tp]) under tensor parallelism. `fused_head`: the training losses
+    take the output head and the cross-entropy in one, a chunk of tokens at a time
+    (megads.model.head_loss), instead of all tokens' logits then `token_losses`."""
     token_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = token_cross_entropy
+    fused_head: bool = False
 
 
 @dataclass
@@ -67,6 +71,13 @@ class DeepSeekV3(nn.Module):
     def token_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy of logits [n, vocab (shard)] against targets [n] -> [n]."""
         return self.strategy.token_losses(logits, targets)
+
+    def head_token_losses(self, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy of the output head on normed hidden states [b, s, d] against
+        targets [b, s] -> [b * s] fp32."""
+        if self.strategy.fused_head:
+            return linear_cross_entropy(normed.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return self.token_losses(self.lm_head(normed).flatten(0, 1).float(), targets.flatten())
 
     def moe_layers(self) -> list[MoE]:
         return [m for _, m in self.named_moe_layers()]
@@ -118,7 +129,7 @@ class DeepSeekV3(nn.Module):
                     mtp_weight: float) -> ModelOutput:
         """The LM and MTP losses from the last decoder layer's hidden states [b, s, d] (the model's
         end, also a pipeline's last stage)."""
-        lm_loss = self.token_losses(self.logits(hidden).flatten(0, 1).float(), targets.flatten()).mean()
+        lm_loss = self.head_token_losses(self.norm(hidden), targets).mean()
         mtp_loss = self.mtp_loss(hidden, tokens, targets)
         return ModelOutput(loss=lm_loss + mtp_weight * mtp_loss, lm_loss=lm_loss, mtp_loss=mtp_loss)
 
@@ -137,8 +148,7 @@ class DeepSeekV3(nn.Module):
         for k, layer in enumerate(self.mtp.values(), start=1):
             tokens, targets = tokens.roll(-1, dims=1), targets.roll(-1, dims=1)
             hidden = layer(hidden, self.embed_tokens(tokens), cos, sin)
-            logits = self.lm_head(layer.norm(hidden)).float()
-            per_token = self.token_losses(logits.flatten(0, 1), targets.flatten()).view(b, s)
+            per_token = self.head_token_losses(layer.norm(hidden), targets).view(b, s)
             losses.append(per_token[:, : s - k].sum() / (b * s))
         return torch.stack(losses).mean()
 

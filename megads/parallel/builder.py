@@ -91,6 +91,8 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device,
         if pipeline.schedule.splits_backward:
             strategies.update(deferred_strategies(model, strategies))
         applied.append("pipeline")
+    if cfg.train.head_loss == "fused":
+        strategies[""] = replace(strategies.get("", model.strategy), fused_head=True)
     plan.strategies = _hand_over(model, strategies)
     for name, param in model.named_parameters():
         if plan.placements[name].tp_grad_sum:
