@@ -102,7 +102,7 @@ class TrainConfig:
     seed: int = 1234
     device: str = "auto"                   # auto | cpu | cuda
     dtype: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    compile: str = "auto"                  # auto (layers on one GPU without FP8) | layers (torch.compile each
+    compile: str = "auto"                  # auto (layers on a single GPU without FP8) | layers (torch.compile each
                                            # decoder layer, as torchtitan's regional compile) | none
     head_loss: str = "plain"               # plain (all tokens' logits, then the cross-entropy) | fused (output head
                                            # + cross-entropy a chunk of tokens at a time: less memory, slower for

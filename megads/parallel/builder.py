@@ -108,10 +108,10 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device,
 
 
 def compiles_layers(cfg: Config, mesh: Mesh, device: torch.device) -> bool:
-    """`train.compile`: layers, or auto on one GPU's worth of layout (no TP, EP or PP) without FP8,
-    the setting measured in benchmarks/RESULTS.md."""
+    """`train.compile`: layers, or auto on a single GPU process without FP8, the setting measured in
+    benchmarks/RESULTS.md (data parallelism over ZeRO asks for `layers` until it is measured too)."""
     if cfg.train.compile == "auto":
-        return device.type == "cuda" and mesh.tp == mesh.ep == mesh.pp == 1 and not cfg.fp8.enabled
+        return device.type == "cuda" and mesh.world_size == 1 and not cfg.fp8.enabled
     return cfg.train.compile == "layers"
 
 
