@@ -88,6 +88,9 @@ def print_plan(argv: list[str]) -> int:
     the smallest the layout allows (pp x lcm(tp, ep): one data-parallel replica, or as many as
     expert parallelism needs) unless --world-size gives it."""
     world_size = None
+    if not argv or argv[0].startswith("-"):
+        return refuse(ValueError("--print-plan needs the config first: python -m megads.pretrain CONFIG.yaml "
+                                 "--print-plan [--world-size N] [section.key=value ...]"), 0)
     if "--world-size" in argv:
         i = argv.index("--world-size")
         value = argv[i + 1] if i + 1 < len(argv) else ""

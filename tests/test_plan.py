@@ -115,3 +115,7 @@ def test_print_plan_starts_no_process():
                           "--world-size", "3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and "world size 3 is not divisible by parallel.tp" in bad.stderr
+    no_config = subprocess.run([sys.executable, "-m", "megads.pretrain", "--print-plan"], capture_output=True,
+                               text=True, timeout=120)
+    assert no_config.returncode == 2 and no_config.stderr.count("\n") == 1
+    assert "--print-plan needs the config first" in no_config.stderr

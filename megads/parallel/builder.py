@@ -15,8 +15,8 @@ Weights are split as the plan says (`shard`); each step says how layers run by g
 (module name -> a layer's strategy dataclass), a later step refining an earlier one's; the
 builder hands every layer its final strategy, registers the gradient sums over TP the plan
 declares, and binds the plan to the result. So the sharded model is exactly the single-process
-one, and the plan says where each of its tensors lives. Pretraining, SFT / GRPO, checkpoint
-conversion, tests and benchmarks all build through `build_model`.
+one, and the plan says where each of its tensors lives. Pretraining, SFT / GRPO, tests and
+benchmarks all build through `build_model`; checkpoint resharding needs the plan alone.
 """
 from __future__ import annotations
 
