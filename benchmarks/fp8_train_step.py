@@ -8,11 +8,17 @@ tokens, accumulated), single process (no DeepSpeed): forward under bf16 autocast
 global-norm clipping, fused AdamW on fp32 master weights, router-bias update. Timed variants
 (config overrides of the bench config, --variants):
 
-  bf16                    fp8.enabled=false, train.compile=none, train.head_loss=plain (grouped_mm
-                          experts, cuDNN attention)
+  bf16, autocast          fp8.enabled=false, train.precision=autocast (every weight cast at every
+                          use, bf16 weight gradients cast and added into fp32 ones),
+                          train.compile=none, train.head_loss=plain (grouped_mm experts, cuDNN attention)
+  bf16, autocast, compiled   the same with train.compile=layers
+  bf16                    train.precision=main_grads: bf16 weight copies made once per step, fp32
+                          weight gradients written by the GEMMs (model/precision.py); compile none
   bf16, compiled          the same with train.compile=layers (each decoder layer torch.compiled)
   bf16, fused head        the same with train.head_loss=fused (head + cross-entropy in chunks)
   bf16, compiled + fused head   both
+  bf16, compiled, selective recompute   train.recompute=selective (GEMM and attention outputs kept)
+  bf16, compiled, full recompute        train.recompute=full (each layer's input kept)
   fp8                     fp8.enabled=true, backend torch, weights quantised once per step
   fp8, no weight cache    the same, re-quantising every weight in every micro-batch
   fp8, bf16 experts       FP8 for the dense and attention projections, routed experts in bf16
@@ -56,10 +62,17 @@ from megads.data import prepare_data                                       # noq
 from megads.train.trainer import Trainer                                   # noqa: E402
 
 PLAIN = ["train.compile=none", "train.head_loss=plain"]
-VARIANTS = {"bf16": ["fp8.enabled=false", *PLAIN],
+VARIANTS = {"bf16, autocast": ["fp8.enabled=false", "train.precision=autocast", *PLAIN],
+            "bf16, autocast, compiled": ["fp8.enabled=false", "train.precision=autocast", "train.compile=layers",
+                                         "train.head_loss=plain"],
+            "bf16": ["fp8.enabled=false", *PLAIN],
             "bf16, compiled": ["fp8.enabled=false", "train.compile=layers", "train.head_loss=plain"],
             "bf16, fused head": ["fp8.enabled=false", "train.compile=none", "train.head_loss=fused"],
             "bf16, compiled + fused head": ["fp8.enabled=false", "train.compile=layers", "train.head_loss=fused"],
+            "bf16, compiled, selective recompute": ["fp8.enabled=false", "train.compile=layers", "train.head_loss=plain",
+                                                    "train.recompute=selective"],
+            "bf16, compiled, full recompute": ["fp8.enabled=false", "train.compile=layers", "train.head_loss=plain",
+                                               "train.recompute=full"],
             "fp8": ["fp8.enabled=true", *PLAIN],
             "fp8, no weight cache": ["fp8.enabled=true", "fp8.cache_weights=false", *PLAIN],
             "fp8, bf16 experts": ["fp8.enabled=true", "fp8.exclude=['*.experts', '*.experts.*']", *PLAIN]}
@@ -126,9 +139,10 @@ def time_variants(args, report: dict) -> None:
               f"{row['model_tflops']:4.0f} TFLOP/s  MFU {100 * row['mfu']:4.1f}%  "
               f"peak {peak:5.1f} GiB  ({skipped} skipped)", flush=True)
     base = {r["variant"]: r["step_ms"] for r in rows}
+    first = rows[0]["variant"] if rows else None
     for name in base:
-        if name != "bf16" and "bf16" in base:
-            print(f"{name} vs bf16: {base['bf16'] / base[name]:.3f}x faster")
+        if name != first:
+            print(f"{name} vs {first}: {base[first] / base[name]:.3f}x faster")
 
 
 def categorise(events) -> dict[str, float]:

@@ -102,11 +102,16 @@ class TrainConfig:
     seed: int = 1234
     device: str = "auto"                   # auto | cpu | cuda
     dtype: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "main_grads"          # with bf16: main_grads (fp32 weights, their bf16 copies made once per
+                                           # optimizer step, fp32 weight gradients written by the GEMMs: Megatron's
+                                           # layout) | autocast (torch.autocast casts the weights at every use)
     compile: str = "auto"                  # auto (layers on a single GPU without FP8) | layers (torch.compile each
                                            # decoder layer, as torchtitan's regional compile) | none
     head_loss: str = "plain"               # plain (all tokens' logits, then the cross-entropy) | fused (output head
                                            # + cross-entropy a chunk of tokens at a time: 2.9 GiB less on the bench
                                            # shape at the same step time, benchmarks/RESULTS.md)
+    recompute: str = "none"                # none | selective (keep GEMM and attention outputs, recompute norms,
+                                           # rope, SwiGLU, casts) | full (keep each decoder layer's input only)
     bias_update_speed: float | list = 0.001  # gamma, or [[step, gamma], ...]
     bias_recenter: bool = False
     seq_aux_alpha: float = 0.0001
@@ -388,6 +393,11 @@ def _validate_fusion(t: TrainConfig, p: ParallelConfig, f: FP8Config) -> None:
     _require(t.head_loss != "fused" or p.tp == 1,
              f"train.head_loss=fused takes the whole vocabulary on one rank, but parallel.tp={p.tp} splits it (the "
              f"vocabulary-parallel cross-entropy never gathers the logits either); use train.head_loss=plain")
+    if t.recompute != "none":
+        others = [f"parallel.{k}={getattr(p, k)}" for k in ("tp", "ep", "pp") if getattr(p, k) > 1]
+        _require(not others, f"train.recompute={t.recompute} recomputes layers of runs without tensor, expert or "
+                             f"pipeline parallelism (their collectives would run again in backward), but this config "
+                             f"has {', '.join(others)}; use train.recompute=none")
     if t.compile != "layers":
         return
     others = [f"parallel.{k}={getattr(p, k)}" for k in ("tp", "ep", "pp") if getattr(p, k) > 1] \
@@ -424,7 +434,11 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _require(t.eps > 0, f"train.eps must be positive (AdamW divides by sqrt(v) + eps), got {t.eps}")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
     _require(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype must be auto, bf16 or fp32, got {t.dtype!r}")
+    _require(t.precision in ("main_grads", "autocast"),
+             f"train.precision must be main_grads or autocast, got {t.precision!r}")
     _require(t.compile in ("auto", "layers", "none"), f"train.compile must be auto, layers or none, got {t.compile!r}")
+    _require(t.recompute in ("none", "selective", "full"),
+             f"train.recompute must be none, selective or full, got {t.recompute!r}")
     _require(t.head_loss in ("plain", "fused"), f"train.head_loss must be plain or fused, got {t.head_loss!r}")
     _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables clipping), got {t.grad_clip}")
     _require(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")

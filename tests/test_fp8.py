@@ -361,8 +361,8 @@ def test_weight_cache_in_training_is_exact(tmp_path, data_cache):
     assert cached == uncached
     fp8_weights = sum(isinstance(m.strategy.gemm, FP8Gemm) for m in trainer.model.modules() if isinstance(m, Linear)) \
         + 3 * sum(isinstance(m, GroupedExperts) for m in trainer.model.modules())
-    assert trainer.fp8_recipe.weights.quantized == 3 * fp8_weights
-    assert not trainer.fp8_recipe.weights.entries                      # cleared by the optimizer step
+    assert trainer.built.fp8_recipe.weights.quantized == 3 * fp8_weights
+    assert not trainer.built.fp8_recipe.weights.entries                      # cleared by the optimizer step
 
 
 def test_tiny_training_with_emulated_fp8_tracks_fp32(tmp_path, data_cache):

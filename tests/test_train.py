@@ -35,16 +35,19 @@ def read_metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
-def test_resume_is_bitwise_exact(tmp_path, data_cache):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resume_is_bitwise_exact(tmp_path, data_cache, dtype):
+    """bf16: train.precision=main_grads, whose bf16 weight copies are made anew from the loaded weights."""
     # eval_interval=3: the split run's end-of-run evaluation at step 3 is a regular one too
-    whole = small_config(tmp_path / "whole", data_cache, "train.steps=6", "checkpoint.interval=0", "train.eval_interval=3")
+    whole = small_config(tmp_path / "whole", data_cache, "train.steps=6", "checkpoint.interval=0", "train.eval_interval=3",
+                         f"train.dtype={dtype}")
     data = prepare_data(whole.data, whole.model.vocab_size)
     uninterrupted = Trainer(whole, data)
     uninterrupted.fit()
 
-    first = small_config(tmp_path / "split", data_cache, "train.steps=3", "train.eval_interval=3")
+    first = small_config(tmp_path / "split", data_cache, "train.steps=3", "train.eval_interval=3", f"train.dtype={dtype}")
     Trainer(first, data).fit()
-    second = small_config(tmp_path / "split", data_cache, "train.steps=6", "train.eval_interval=3")
+    second = small_config(tmp_path / "split", data_cache, "train.steps=6", "train.eval_interval=3", f"train.dtype={dtype}")
     resumed = Trainer(second, data)
     resumed.fit()
 

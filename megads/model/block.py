@@ -1,6 +1,7 @@
 """A DeepSeek-V3 decoder layer: pre-norm MLA and pre-norm MLP or MoE, each with a residual."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
@@ -10,6 +11,7 @@ from megads.config import ModelConfig
 from megads.model.layers import MLP, RMSNorm
 from megads.model.mla import MLA, LatentCache
 from megads.model.moe import Dispatched, MoE
+from megads.model.recompute import run_directly
 
 
 class Piece(NamedTuple):
@@ -19,6 +21,13 @@ class Piece(NamedTuple):
     fn: Callable
 
 
+@dataclass(frozen=True)
+class DecoderLayerStrategy:
+    """`run(fn, *args)`: how the layer's forward runs, directly or under activation recompute
+    (megads.model.recompute, `train.recompute`)."""
+    run: Callable = run_directly
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: bool):
         super().__init__()
@@ -26,9 +35,15 @@ class DecoderLayer(nn.Module):
         self.self_attn = MLA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.strategy = DecoderLayerStrategy()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.strategy.run(self.layer_forward, x, cos, sin, cache, positions)
+
+    def layer_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x + MLA(norm(x)), then the same with the MLP or MoE; x [b, s, d] -> [b, s, d]."""
         return self.feed_forward(self.attend(x, cos, sin, cache, positions))
 
     def pieces(self, cos: torch.Tensor, sin: torch.Tensor) -> list[Piece]:

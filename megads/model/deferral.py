@@ -37,7 +37,15 @@ def defer_weight_grad(weight: torch.Tensor, compute: Callable[[], torch.Tensor])
     return True
 
 
-def weight_grad_now_or_later(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+def weight_grad_now_or_later(weight: torch.Tensor, compute: Callable[[], torch.Tensor],
+                             accumulate: Callable[[], None] | None = None) -> torch.Tensor | None:
     """The gradient of `weight` for a backward to return: compute() now, or None when the
-    computation is deferred."""
-    return None if defer_weight_grad(weight, compute) else compute().to(weight.dtype)
+    computation is deferred, or None when `accumulate()` adds it into the weight's existing fp32
+    gradient in place (megads.model.precision's main gradients: no gradient tensor of its own,
+    and no gradient hook runs)."""
+    if defer_weight_grad(weight, compute):
+        return None
+    if accumulate is not None:
+        accumulate()
+        return None
+    return compute().to(weight.dtype)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megads.model.deferral import weight_grad_now_or_later
+
 Gemm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]     # (x [..., in], weight [out, in]) -> [..., out]
 Region = Callable[[torch.Tensor], torch.Tensor]                  # a communication boundary; identity on one process
 
@@ -31,6 +33,56 @@ class LinearStrategy:
     gemm: Gemm = F.linear
     enter: Region = identity
     leave: Region = identity
+
+
+def linear_weight_grad(x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dW = dy^T x over all leading dimensions, in `dtype` (fp32 from bf16 operands is one GEMM
+    with an fp32 output on GPU). x [..., K], dy [..., N] -> [N, K]."""
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]).to(dy.dtype)
+    if dtype == dy.dtype:
+        return dy2.t().mm(x2)
+    if dy.is_cuda:
+        return torch.mm(dy2.t(), x2, out_dtype=dtype)
+    return dy2.t().to(dtype).mm(x2.to(dtype))
+
+
+def add_linear_weight_grad(main_grad: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> None:
+    """main_grad [N, K] (fp32) += dy^T x, the GEMM accumulating into it in place (on GPU one
+    addmm with bf16 operands and fp32 output, as Megatron's gradient-accumulation fusion; in a
+    compiled graph, whose tracing of that addmm's `out=` form fails on torch 2.11, an fp32-output
+    mm and an add)."""
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]).to(dy.dtype)
+    if not dy.is_cuda or dy.dtype == main_grad.dtype:
+        main_grad.addmm_(dy2.t().to(main_grad.dtype), x2.to(main_grad.dtype))
+    elif torch.compiler.is_compiling():
+        main_grad.add_(torch.mm(dy2.t(), x2, out_dtype=main_grad.dtype))
+    else:
+        torch.addmm(main_grad, dy2.t(), x2, out_dtype=main_grad.dtype, out=main_grad)
+
+
+class LinearFunction(torch.autograd.Function):
+    """y = x weight^T, where `weight` is the parameter `param` itself or a copy of it in the compute
+    dtype; the weight gradient (dy^T x in param's dtype) goes to `param`: now, at the pipeline's W
+    action (megads.model.deferral), or, when `main_grad` (param's fp32 .grad) is given, added into
+    it by the GEMM in place. x [..., K], weight / param [N, K] -> [..., N]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, param: torch.Tensor, weight: torch.Tensor,
+                main_grad: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, param, weight)
+        ctx.main_grad = main_grad           # not saved: other GEMMs of the step add into it meanwhile
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, param, weight = ctx.saved_tensors
+        dx = dy.matmul(weight.to(dy.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            main_grad = ctx.main_grad
+            accumulate = None if main_grad is None else lambda: add_linear_weight_grad(main_grad, x, dy)
+            dw = weight_grad_now_or_later(param, lambda: linear_weight_grad(x, dy, param.dtype), accumulate)
+        return dx, dw, None, None
 
 
 class Linear(nn.Module):

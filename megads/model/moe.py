@@ -12,6 +12,7 @@ from torch import nn
 
 from megads.config import ModelConfig
 from megads.model.deferral import weight_grad_now_or_later
+from megads.model.recompute import recomputing
 from megads.model.layers import MLP, Region, identity
 
 
@@ -69,7 +70,7 @@ def grouped_linear_loop(x: torch.Tensor, weight: torch.Tensor, counts: torch.Ten
     return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
 
 
-def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """torch._grouped_mm needs bf16 on Hopper (fp32 or bf16 on CPU) and 16-byte-aligned rows."""
     if x.shape[0] == 0:
         return False
@@ -93,30 +94,39 @@ def _expert_products(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor
 
 
 def _expert_weight_grads(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor, grouped: bool) -> torch.Tensor:
-    """dW_e = dy_e^T x_e for every expert. x [n, in], dy [n, out] sorted by expert -> [e, out, in]."""
+    """dW_e = dy_e^T x_e for every expert, in the operands' dtype (torch._grouped_mm writes no other).
+    x [n, in], dy [n, out] sorted by expert -> [e, out, in]."""
     if grouped:
         return torch._grouped_mm(dy.t(), x, offs=counts.cumsum(0).to(torch.int32))
     sizes = counts.tolist()
     return torch.stack([g.t() @ a for g, a in zip(dy.split(sizes), x.split(sizes))])
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """Backward computes dx at once and dW now or, inside a zero-bubble B action, at the W action."""
+class GroupedLinearFunction(torch.autograd.Function):
+    """Per-expert x_e weight_e^T, where `weight` is the parameter `param` itself or a copy of it in
+    the compute dtype. Backward computes dx at once; the weight gradient (computed in the compute
+    dtype, the grouped GEMM's only output dtype) goes to `param` now, at a zero-bubble schedule's W
+    action, or, when `main_grad` (param's fp32 .grad) is given, is added into it in place.
+    x [n, in] sorted by expert, weight [e, out, in] -> [n, out]."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, grouped: bool) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, counts)
-        ctx.grouped = grouped
+    def forward(ctx, x: torch.Tensor, param: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+                grouped: bool, main_grad: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, param, weight, counts)
+        ctx.grouped, ctx.main_grad = grouped, main_grad
         return _expert_products(x, weight, counts, grouped)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, weight, counts = ctx.saved_tensors
-        grouped, dy = ctx.grouped, dy.contiguous()          # _grouped_mm refuses broadcast (stride-0) gradients
+        x, param, weight, counts = ctx.saved_tensors
+        grouped, dy, main_grad = ctx.grouped, dy.contiguous(), ctx.main_grad  # _grouped_mm refuses stride-0 gradients
         dx = _expert_products(dy, weight.transpose(-2, -1), counts, grouped) if ctx.needs_input_grad[0] else None
-        dw = weight_grad_now_or_later(weight, lambda: _expert_weight_grads(x, dy, counts, grouped)) \
-            if ctx.needs_input_grad[1] else None
-        return dx, dw, None, None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            def compute() -> torch.Tensor:
+                return _expert_weight_grads(x, dy, counts, grouped)
+            dw = weight_grad_now_or_later(param, compute, None if main_grad is None else lambda: main_grad.add_(compute()))
+        return dx, dw, None, None, None, None
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -128,7 +138,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
         x, weight = x.to(dtype), weight.to(dtype)
     elif weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
-    return _GroupedLinear.apply(x.contiguous(), weight, counts, _grouped_mm_supported(x, weight))
+    return GroupedLinearFunction.apply(x.contiguous(), weight, weight, counts, grouped_mm_supported(x, weight), None)
 
 
 GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]   # (x, weight, counts) -> y
@@ -296,7 +306,7 @@ class MoE(nn.Module):
         b, s, d = routed_in.shape
         tokens = routed_in.reshape(-1, d)
         expert_ids, weights, scores = self.gate(tokens)                           # [t, k], [t, k], [t, e]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not recomputing():
             self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.n_experts).float()
         balance = None
         if self.balance_alpha > 0:

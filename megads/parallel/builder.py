@@ -8,6 +8,11 @@ parallelisms are applied from outside, always in this order:
     expert   parallel/expert.py    keep this EP rank's routed experts; exchange rows all-to-all
     fp8      fp8/apply.py          FP8 GEMMs on the local shards (they see TP / EP slices)
     pipeline parallel/pipeline/    keep this rank's stages, defer weight gradients, the executor
+    precision model/precision.py   bf16 weight copies made once a step and fp32 weight gradients
+                                   written by the GEMMs (`train.precision=main_grads`), for the
+                                   GEMMs FP8 left, on the weights this rank kept
+    recompute model/recompute.py   each decoder layer's activations recomputed in backward
+                                   (`train.recompute`)
     compile  (here)                torch.compile each decoder layer (`train.compile`), last: it
                                    traces the layers as the steps before left them
 
@@ -30,9 +35,11 @@ from torch import nn
 from megads.config import Config
 from megads.fp8 import build_recipe, fp8_send_rows, fp8_strategies
 from megads.fp8.linear import FP8Recipe
-from megads.model.block import DecoderLayer
+from megads.model.block import DecoderLayer, DecoderLayerStrategy
 from megads.model.deepseek_v3 import DeepSeekV3
 from megads.model.moe import ExpertsStrategy
+from megads.model.precision import WeightCopies, main_grad_strategies
+from megads.model.recompute import recompute_run
 from megads.parallel.expert import AllToAllExchange, expert_strategies
 from megads.parallel.mesh import Mesh
 from megads.parallel.pipeline.build import build_pipeline
@@ -41,7 +48,7 @@ from megads.parallel.pipeline.zero_bubble import deferred_strategies
 from megads.parallel.plan import ParallelPlan, plan_layout, shard
 from megads.parallel.tensor import reduce_grad_over_tp, tensor_strategies
 
-ORDER = ("tensor", "expert", "fp8", "pipeline", "compile")
+ORDER = ("tensor", "expert", "fp8", "pipeline", "precision", "recompute", "compile")
 
 
 @dataclass
@@ -51,15 +58,27 @@ class BuiltModel:
     fp8_recipe: FP8Recipe | None           # None unless fp8.enabled
     pipeline: PipelineExecutor | None      # None unless parallel.pp > 1
     applied: tuple[str, ...]               # the steps of ORDER this layout needed, in that order
+    weight_copies: WeightCopies | None = None   # the GEMM weights' bf16 copies (train.precision=main_grads)
+
+    def weights_changed(self) -> None:
+        """Call after the weights change (an optimizer step, a checkpoint load): their FP8 blocks are
+        forgotten and their bf16 copies made anew (the copies are refreshed in place: compiled
+        layers keep reading the same tensors)."""
+        if self.fp8_recipe is not None:
+            self.fp8_recipe.clear()
+        if self.weight_copies is not None:
+            self.weight_copies.refresh()
 
 
 def build_model(cfg: Config, mesh: Mesh, device: torch.device,
                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                initialise: bool = True, compile_backend: str = "inductor") -> BuiltModel:
+                initialise: bool = True, compile_backend: str = "inductor",
+                dtype: torch.dtype = torch.float32) -> BuiltModel:
     """The model of `cfg` on this rank of `mesh`. `initialise=False` skips the seeded weights (a
     checkpoint fills them, or the model lives on the meta device to read shapes); `autocast` is
     the context the pipeline runs its pieces in; `compile_backend` is torch.compile's when
-    `train.compile` compiles the layers."""
+    `train.compile` compiles the layers; `dtype` is the compute dtype (the autocast one): with
+    bf16 and `train.precision=main_grads` the GEMMs get the precision layout of model/precision.py."""
     plan = plan_layout(cfg, mesh)
     torch.manual_seed(cfg.train.seed)
     if device.type == "meta":
@@ -81,8 +100,10 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device,
         strategies.update(expert_strategies(model, mesh, sp, strategies))
         applied.append("expert")
     recipe = build_recipe(cfg.fp8) if cfg.fp8.enabled else None
+    fp8_layers: dict[str, object] = {}
     if recipe is not None:
-        strategies.update(fp8_strategies(model, recipe, tuple(cfg.fp8.exclude), strategies))
+        fp8_layers = fp8_strategies(model, recipe, tuple(cfg.fp8.exclude), strategies)
+        strategies.update(fp8_layers)
         if cfg.fp8.dispatch:
             strategies.update(_fp8_dispatch(strategies, recipe))
         applied.append("fp8")
@@ -91,6 +112,17 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device,
         if pipeline.schedule.splits_backward:
             strategies.update(deferred_strategies(model, strategies))
         applied.append("pipeline")
+    copies = None
+    if dtype != torch.float32 and cfg.train.precision == "main_grads":
+        copies = WeightCopies(dtype)
+        strategies.update(main_grad_strategies(model, copies, strategies, keep=set(fp8_layers),
+                                               accumulates=not uses_deepspeed(cfg, mesh),
+                                               returns=_hook_reduced(model, plan)))
+        applied.append("precision")
+    if cfg.train.recompute != "none":
+        run = recompute_run(cfg.train.recompute)
+        strategies.update({name: DecoderLayerStrategy(run) for name, m in model.named_modules() if isinstance(m, DecoderLayer)})
+        applied.append("recompute")
     if cfg.train.head_loss == "fused":
         strategies[""] = replace(strategies.get("", model.strategy), fused_head=True)
     plan.strategies = _hand_over(model, strategies)
@@ -104,7 +136,17 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device,
                 layer.compile(backend=compile_backend)
         applied.append("compile")
     assert tuple(applied) == tuple(s for s in ORDER if s in applied)
-    return BuiltModel(model, plan, recipe, pipeline, tuple(applied))
+    return BuiltModel(model, plan, recipe, pipeline, tuple(applied), copies)
+
+
+def uses_deepspeed(cfg: Config, mesh: Mesh) -> bool:
+    """Data parallelism through DeepSpeed ZeRO (it reduces gradients from autograd hooks)."""
+    return mesh.dp > 1 and cfg.parallel.zero_stage >= 1
+
+
+def _hook_reduced(model: nn.Module, plan: ParallelPlan) -> set[str]:
+    """Modules owning a weight whose gradient a hook sums over TP (plan: `tp_grad_sum`)."""
+    return {name.rpartition(".")[0] for name, _ in model.named_parameters() if plan.placements[name].tp_grad_sum}
 
 
 def compiles_layers(cfg: Config, mesh: Mesh, device: torch.device) -> bool:

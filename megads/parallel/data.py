@@ -25,6 +25,7 @@ from megads.config import Config, ConfigError
 from megads.model.moe import MoE
 from megads.parallel.deepspeed_adapter import describe_placement, megads_moe_recognised, quiet_deepspeed, \
     register_expert_groups
+from megads.parallel.builder import uses_deepspeed
 from megads.parallel.mesh import Mesh
 from megads.parallel.plan import ParallelPlan
 
@@ -221,6 +222,6 @@ class DeepSpeedOptimizer:
 
 def build_step_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, plan: ParallelPlan, cfg: Config):
     """DeepSpeed ZeRO when data parallel with zero_stage >= 1, else the local optimizer."""
-    if plan.mesh.dp > 1 and cfg.parallel.zero_stage >= 1:
+    if uses_deepspeed(cfg, plan.mesh):
         return DeepSpeedOptimizer(model, optimizer, plan, cfg)
     return LocalOptimizer(model, optimizer, plan, cfg.train.grad_clip)

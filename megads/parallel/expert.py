@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megads.model.moe import MoE, MoEStrategy
+from megads.model.recompute import recomputing
 from megads.parallel.mesh import Mesh
 from megads.parallel.tensor import TPRegion
 
@@ -96,7 +97,7 @@ class AllToAllExchange:
         dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.group)
         recv_counts = recv_counts.view(self.ep, self.n_local)                  # [source, local expert]
         send_splits, recv_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not recomputing():
             self.stats.tokens_sent_off_rank += sum(send_splits) - send_splits[self.ep_rank]
             self.count_nodes(expert_ids)
         received = self.send_rows(x, recv_splits, send_splits, self.group)     # ordered by (source, expert)

@@ -48,9 +48,9 @@ class Trainer(TrainingLoop):
     def __init__(self, cfg: Config, data: PreparedData, mesh: Mesh | None = None, device: torch.device | None = None):
         super().__init__(cfg, mesh, device)
         t = cfg.train
-        built = build_model(cfg, self.mesh, self.device, self.autocast)
+        self.built = build_model(cfg, self.mesh, self.device, self.autocast, dtype=self.dtype)
         # Under PP the rank keeps its stages only (global names; the plan knows which copies are mirrors).
-        self.model, self.plan, self.fp8_recipe, self.pipeline = built.model, built.plan, built.fp8_recipe, built.pipeline
+        self.model, self.plan, self.pipeline = self.built.model, self.built.plan, self.built.pipeline
         for moe in self.model.moe_layers():
             moe.balance_alpha = t.seq_aux_alpha
         self.optimizer = build_optimizer(self.model, self.plan, t, self.device)
@@ -82,8 +82,8 @@ class Trainer(TrainingLoop):
         load_ratio = max(((load.max() / load.mean()).item() for load in loads if load.sum() > 0), default=1.0)
         if math.isfinite(loss):
             outcome = self.stepper.step()
-            if self.fp8_recipe is not None:
-                self.fp8_recipe.clear()            # the weights' FP8 copies are stale after an update
+            if outcome.applied:
+                self.built.weights_changed()       # the weights' FP8 blocks and bf16 copies are stale
         else:
             self.stepper.zero_grad()
             outcome = None
@@ -235,6 +235,6 @@ class Trainer(TrainingLoop):
 
     def maybe_resume(self) -> str | None:
         path = super().maybe_resume()
-        if path is not None and self.fp8_recipe is not None:
-            self.fp8_recipe.clear()            # weights are written through .data: no _version bump
+        if path is not None:
+            self.built.weights_changed()       # weights are written through .data: no _version bump
         return path

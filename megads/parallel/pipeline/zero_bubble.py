@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megads.model.deferral import WeightGrad, defer_into, weight_grad_now_or_later
-from megads.model.layers import Linear
+from megads.model.deferral import WeightGrad, defer_into
+from megads.model.layers import Linear, LinearFunction
 
 
 class WeightGradStore:
@@ -51,25 +51,6 @@ class WeightGradStore:
         return [k for k, v in self.queues.items() if v]
 
 
-def _linear_weight_grad(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """dW = dy^T x over all leading dimensions: x [..., K], dy [..., N] -> [N, K]."""
-    return dy.reshape(-1, dy.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]).to(dy.dtype))
-
-
-class _DeferredLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, weight)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        dx = dy.matmul(weight.to(dy.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
-        dw = weight_grad_now_or_later(weight, lambda: _linear_weight_grad(x, dy)) if ctx.needs_input_grad[1] else None
-        return dx, dw
-
-
 class DeferredGemm:
     """A `LinearStrategy.gemm` (F.linear) whose weight gradient can wait for the schedule's W action."""
 
@@ -80,8 +61,9 @@ class DeferredGemm:
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             with torch.autocast(x.device.type, enabled=False):
-                return _DeferredLinear.apply(x.to(dtype), weight.to(dtype))
-        return _DeferredLinear.apply(x, weight)
+                weight = weight.to(dtype)
+                return LinearFunction.apply(x.to(dtype), weight, weight, None)
+        return LinearFunction.apply(x, weight, weight, None)
 
 
 def deferred_strategies(model: nn.Module, strategies: dict[str, object]) -> dict[str, object]:
