@@ -387,17 +387,16 @@ def _validate_schedule(value: float | list, key: str) -> None:
 
 
 def _validate_fusion(t: TrainConfig, p: ParallelConfig, f: FP8Config) -> None:
-    """The fused head needs the whole vocabulary on the rank. Compiled layers are measured on one GPU
-    in bf16; with model parallelism or FP8 the layers hold collectives and cached quantisations
-    that compilation has not been checked against."""
+    """The fused head needs the whole vocabulary on the rank. Recompute wraps whole decoder layers,
+    which a pipeline does not run. Compiled layers are measured on one GPU in bf16; with model
+    parallelism or FP8 the layers hold collectives and cached quantisations that compilation has
+    not been checked against."""
     _require(t.head_loss != "fused" or p.tp == 1,
              f"train.head_loss=fused takes the whole vocabulary on one rank, but parallel.tp={p.tp} splits it (the "
              f"vocabulary-parallel cross-entropy never gathers the logits either); use train.head_loss=plain")
-    if t.recompute != "none":
-        others = [f"parallel.{k}={getattr(p, k)}" for k in ("tp", "ep", "pp") if getattr(p, k) > 1]
-        _require(not others, f"train.recompute={t.recompute} recomputes layers of runs without tensor, expert or "
-                             f"pipeline parallelism (their collectives would run again in backward), but this config "
-                             f"has {', '.join(others)}; use train.recompute=none")
+    _require(t.recompute == "none" or p.pp == 1,
+             f"train.recompute={t.recompute} recomputes decoder layers run whole, but with parallel.pp={p.pp} the "
+             f"pipeline runs them in pieces (attention, dispatch, experts, combine); use train.recompute=none")
     if t.compile != "layers":
         return
     others = [f"parallel.{k}={getattr(p, k)}" for k in ("tp", "ep", "pp") if getattr(p, k) > 1] \

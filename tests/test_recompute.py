@@ -93,11 +93,46 @@ def test_compiled_recomputed_layers_give_the_same_gradients(plain, setting):
 
 
 @pytest.mark.parametrize("overrides, named", [
-    (["parallel.tp=2"], "parallel.tp=2"),
-    (["parallel.ep=2", "train.global_batch=16"], "parallel.ep=2"),
     (["parallel.pp=2", "model.num_layers=4"], "parallel.pp=2"),
     (["train.recompute=some"], "train.recompute must be none, selective or full"),
 ])
-def test_layouts_recompute_is_not_checked_with_are_refused(overrides, named):
+def test_settings_recompute_does_not_take_are_refused(overrides, named):
     with pytest.raises(ConfigError, match=named):
         load_config("configs/tiny.yaml", ["parallel.tp=1", "train.recompute=full", *overrides]).validate(2)
+
+
+def _parallel_rank(rank, world_size, cache, overrides):
+    from megads.data import prepare_data
+    from megads.parallel.mesh import build_mesh
+    from megads.train.trainer import Trainer
+    results = {}
+    for setting in ("none", "selective", "full"):
+        cfg = load_config("configs/tiny.yaml", [
+            "parallel.tp=1", "model.num_layers=3", "train.seq_len=32", "train.global_batch=8", "train.micro_batch=2",
+            "train.eval_interval=0", "data.synthetic_docs=2000", "data.synthetic_valid_docs=100",
+            f"data.cache_dir={cache}", f"train.recompute={setting}", *overrides]).validate(world_size)
+        trainer = Trainer(cfg, prepare_data(cfg.data, cfg.model.vocab_size), build_mesh(cfg.parallel))
+        losses = []
+        for _ in range(2):
+            result = trainer.train_step(trainer.train_batches.next_step())
+            trainer.step += 1
+            losses.append((result.loss, result.grad_norm, result.tokens_off_rank))
+        results[setting] = {"losses": losses, "applied": trainer.built.applied,
+                            "weights": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
+    return results
+
+
+@pytest.mark.parametrize("overrides", [["parallel.ep=2"], ["parallel.tp=2", "parallel.sequence_parallel=true"]],
+                         ids=["ep2", "tp2-sp"])
+def test_recompute_under_expert_and_tensor_parallelism(data_cache, overrides):
+    """The collectives inside a layer (the experts' all-to-all, TP's reductions) run again in the
+    recomputed forward, in the same order on every rank: the run equals the one without recompute."""
+    from distributed import run_ranks
+    for result in run_ranks(_parallel_rank, 2, args=(data_cache, overrides), timeout=600):
+        plain = result["none"]
+        for setting in ("selective", "full"):
+            got = result[setting]
+            assert "recompute" in got["applied"]
+            assert got["losses"] == plain["losses"], setting
+            for name, w in plain["weights"].items():
+                assert torch.equal(got["weights"][name], w), (setting, name)
