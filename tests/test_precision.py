@@ -165,3 +165,31 @@ def test_parallel_bf16_training_tracks_autocast(tmp_path, data_cache, overrides)
     for rank, result in enumerate(run_ranks(_rank_main, 2, args=(data_cache, str(tmp_path), overrides), timeout=600)):
         assert "precision" in result["main_grads"]["applied"], rank
         assert_tracks_autocast(result["main_grads"], result["autocast"])
+
+
+def model_gradients(precision: str, compile_setting: str) -> tuple[tuple, dict]:
+    cfg = load_config("configs/tiny.yaml", ["parallel.tp=1", "train.seq_len=32", f"train.precision={precision}",
+                                            f"train.compile={compile_setting}"]).validate(1)
+    built = build_model(cfg, Mesh(), torch.device("cpu"), compile_backend="aot_eager", dtype=torch.bfloat16)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):                  # the second micro-batch accumulates into the first one's .grad
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = built.model(tokens[:, :-1], tokens[:, 1:], 0.3)
+        out.loss.backward()
+    return built.applied, {n: p.grad for n, p in built.model.named_parameters()}
+
+
+def test_compiled_layers_run_the_main_grad_gemms():
+    torch._dynamo.reset()
+    applied, compiled = model_gradients("main_grads", "layers")
+    assert applied == ("precision", "compile")
+    _, eager = model_gradients("main_grads", "none")
+    for name, g in eager.items():
+        assert (compiled[name] - g).norm() <= 2e-2 * g.norm(), name
+
+
+@pytest.mark.parametrize("compile_setting, main_grads", [("layers", False), ("none", True)])
+def test_auto_precision_takes_main_grads_where_layers_run_eagerly(compile_setting, main_grads):
+    cfg = load_config("configs/tiny.yaml", ["parallel.tp=1", f"train.compile={compile_setting}"]).validate(1)
+    built = build_model(cfg, Mesh(), torch.device("meta"), initialise=False, dtype=torch.bfloat16)
+    assert ("precision" in built.applied) == main_grads

@@ -49,8 +49,8 @@ def linear_weight_grad(x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) ->
 def add_linear_weight_grad(main_grad: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> None:
     """main_grad [N, K] (fp32) += dy^T x, the GEMM accumulating into it in place (on GPU one
     addmm with bf16 operands and fp32 output, as Megatron's gradient-accumulation fusion; in a
-    compiled graph, whose tracing of that addmm's `out=` form fails on torch 2.11, an fp32-output
-    mm and an add)."""
+    compiled graph an fp32-output mm and an add, since tracing that addmm's `out=` form failed on
+    the GPU: benchmarks/RESULTS.md)."""
     dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]).to(dy.dtype)
     if not dy.is_cuda or dy.dtype == main_grad.dtype:
         main_grad.addmm_(dy2.t().to(main_grad.dtype), x2.to(main_grad.dtype))
@@ -61,21 +61,23 @@ def add_linear_weight_grad(main_grad: torch.Tensor, x: torch.Tensor, dy: torch.T
 
 
 class LinearFunction(torch.autograd.Function):
-    """y = x weight^T, where `weight` is the parameter `param` itself or a copy of it in the compute
-    dtype; the weight gradient (dy^T x in param's dtype) goes to `param`: now, at the pipeline's W
-    action (megads.model.deferral), or, when `main_grad` (param's fp32 .grad) is given, added into
-    it by the GEMM in place. x [..., K], weight / param [N, K] -> [..., N]."""
+    """y = x W^T, where W is `copy` (the parameter `param` in the compute dtype) or, when `copy` is
+    None, `param` itself (never pass one tensor twice: a compiled graph merges duplicate inputs and
+    their gradients with them). The weight gradient (dy^T x in param's dtype) goes to `param`: now,
+    at the pipeline's W action (megads.model.deferral), or, when `main_grad` (param's fp32 .grad)
+    is given, added into it by the GEMM in place. x [..., K], param / copy [N, K] -> [..., N]."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, param: torch.Tensor, weight: torch.Tensor,
+    def forward(ctx, x: torch.Tensor, param: torch.Tensor, copy: torch.Tensor | None,
                 main_grad: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, param, weight)
+        ctx.save_for_backward(x, param, copy)
         ctx.main_grad = main_grad           # not saved: other GEMMs of the step add into it meanwhile
-        return F.linear(x, weight)
+        return F.linear(x, param if copy is None else copy)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, param, weight = ctx.saved_tensors
+        x, param, copy = ctx.saved_tensors
+        weight = param if copy is None else copy
         dx = dy.matmul(weight.to(dy.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         dw = None
         if ctx.needs_input_grad[1]:

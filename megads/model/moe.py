@@ -103,22 +103,23 @@ def _expert_weight_grads(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor
 
 
 class GroupedLinearFunction(torch.autograd.Function):
-    """Per-expert x_e weight_e^T, where `weight` is the parameter `param` itself or a copy of it in
-    the compute dtype. Backward computes dx at once; the weight gradient (computed in the compute
-    dtype, the grouped GEMM's only output dtype) goes to `param` now, at a zero-bubble schedule's W
-    action, or, when `main_grad` (param's fp32 .grad) is given, is added into it in place.
-    x [n, in] sorted by expert, weight [e, out, in] -> [n, out]."""
+    """Per-expert x_e W_e^T, where W is `copy` (the parameter `param` in the compute dtype) or, when
+    `copy` is None, `param` itself (never one tensor twice, as for LinearFunction). Backward computes
+    dx at once; the weight gradient (computed in the compute dtype, the grouped GEMM's only output
+    dtype) goes to `param` now, at a zero-bubble schedule's W action, or, when `main_grad` (param's
+    fp32 .grad) is given, is added into it in place. x [n, in] sorted by expert, W [e, out, in] -> [n, out]."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, param: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+    def forward(ctx, x: torch.Tensor, param: torch.Tensor, copy: torch.Tensor | None, counts: torch.Tensor,
                 grouped: bool, main_grad: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, param, weight, counts)
+        ctx.save_for_backward(x, param, copy, counts)
         ctx.grouped, ctx.main_grad = grouped, main_grad
-        return _expert_products(x, weight, counts, grouped)
+        return _expert_products(x, param if copy is None else copy, counts, grouped)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, param, weight, counts = ctx.saved_tensors
+        x, param, copy, counts = ctx.saved_tensors
+        weight = param if copy is None else copy
         grouped, dy, main_grad = ctx.grouped, dy.contiguous(), ctx.main_grad  # _grouped_mm refuses stride-0 gradients
         dx = _expert_products(dy, weight.transpose(-2, -1), counts, grouped) if ctx.needs_input_grad[0] else None
         dw = None
@@ -138,7 +139,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
         x, weight = x.to(dtype), weight.to(dtype)
     elif weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
-    return GroupedLinearFunction.apply(x.contiguous(), weight, weight, counts, grouped_mm_supported(x, weight), None)
+    return GroupedLinearFunction.apply(x.contiguous(), weight, None, counts, grouped_mm_supported(x, weight), None)
 
 
 GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]   # (x, weight, counts) -> y

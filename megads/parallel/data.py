@@ -79,7 +79,11 @@ class LocalOptimizer:
         loss.backward()
 
     def step(self) -> StepOutcome:
-        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        missing = [n for n, p in named if p.grad is None]
+        if missing:      # a lost gradient would leave the tensor untrained, and the step look faster
+            raise RuntimeError(f"no gradient reached {len(missing)} parameters this step ({', '.join(missing[:3])}"
+                               f"{', ...' if len(missing) > 3 else ''}): the backward lost them")
         average_gradients(named, self.plan)
         norm = global_grad_norm(named, self.plan)
         grad_norm = float(norm)

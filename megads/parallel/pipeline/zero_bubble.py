@@ -62,8 +62,8 @@ class DeferredGemm:
             dtype = torch.get_autocast_dtype(x.device.type)
             with torch.autocast(x.device.type, enabled=False):
                 weight = weight.to(dtype)
-                return LinearFunction.apply(x.to(dtype), weight, weight, None)
-        return LinearFunction.apply(x, weight, weight, None)
+                return LinearFunction.apply(x.to(dtype), weight.to(dtype), None, None)
+        return LinearFunction.apply(x, weight, None, None)
 
 
 def deferred_strategies(model: nn.Module, strategies: dict[str, object]) -> dict[str, object]:
