@@ -102,9 +102,11 @@ class TrainConfig:
     seed: int = 1234
     device: str = "auto"                   # auto | cpu | cuda
     dtype: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    precision: str = "main_grads"          # with bf16: main_grads (fp32 weights, their bf16 copies made once per
+    precision: str = "auto"                # with bf16: main_grads (fp32 weights, their bf16 copies made once per
                                            # optimizer step, fp32 weight gradients written by the GEMMs: Megatron's
-                                           # layout) | autocast (torch.autocast casts the weights at every use)
+                                           # layout) | autocast (torch.autocast casts the weights at every use) |
+                                           # auto (main_grads, autocast where the layers are compiled: the
+                                           # combination measured fastest so far, benchmarks/RESULTS.md)
     compile: str = "auto"                  # auto (layers on a single GPU without FP8) | layers (torch.compile each
                                            # decoder layer, as torchtitan's regional compile) | none
     head_loss: str = "plain"               # plain (all tokens' logits, then the cross-entropy) | fused (output head
@@ -131,7 +133,7 @@ class DataConfig:
     source: str = "synthetic"              # synthetic | indexed
     train_path: str | None = None          # indexed: prefix of .bin/.idx
     valid_path: str | None = None          # indexed: prefix of held-out .bin/.idx
-    tokenizer: str | None = None           # indexed: sentencepiece .model
+    tokenizer: str | None = None           # indexed: HF tokenizer.json (or its directory) or sentencepiece .model
     cache_dir: str = ".megads_cache"       # synthetic: where corpus, tokenizer, datasets are built
     synthetic_docs: int = 20000
     synthetic_valid_docs: int = 500
@@ -433,8 +435,8 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _require(t.eps > 0, f"train.eps must be positive (AdamW divides by sqrt(v) + eps), got {t.eps}")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
     _require(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype must be auto, bf16 or fp32, got {t.dtype!r}")
-    _require(t.precision in ("main_grads", "autocast"),
-             f"train.precision must be main_grads or autocast, got {t.precision!r}")
+    _require(t.precision in ("auto", "main_grads", "autocast"),
+             f"train.precision must be auto, main_grads or autocast, got {t.precision!r}")
     _require(t.compile in ("auto", "layers", "none"), f"train.compile must be auto, layers or none, got {t.compile!r}")
     _require(t.recompute in ("none", "selective", "full"),
              f"train.recompute must be none, selective or full, got {t.recompute!r}")
@@ -460,7 +462,8 @@ def _validate_data(d: DataConfig) -> None:
                 _require(os.path.exists(prefix + ext), f"data.{key}: {prefix + ext} does not exist; "
                                                        f"build it with tools/preprocess_data.py")
         _require(d.tokenizer is not None and os.path.exists(d.tokenizer),
-                 f"data.tokenizer: sentencepiece model {d.tokenizer!r} does not exist; train one with tools/train_tokenizer.py")
+                 f"data.tokenizer={d.tokenizer!r} does not exist; set it to a HuggingFace tokenizer.json (or its "
+                 f"directory) or a sentencepiece .model (tools/train_tokenizer.py trains one)")
     else:
         _require(d.synthetic_docs > 0 and d.synthetic_valid_docs > 0,
                  "data.synthetic_docs and data.synthetic_valid_docs must be positive")

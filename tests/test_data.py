@@ -19,7 +19,7 @@ from megads.data import (
     IndexedDataset,
     IndexedDatasetWriter,
     PackedSequences,
-    Tokenizer,
+    SentencePieceTokenizer,
     extract_answer,
     format_ok,
     generate_documents,
@@ -115,7 +115,7 @@ def tokenizer(tmp_path_factory, corpus_docs):
     d = tmp_path_factory.mktemp("tok")
     corpus = d / "corpus.txt"
     corpus.write_text("\n\n".join(corpus_docs) + "\n", encoding="utf-8")
-    return Tokenizer(train_tokenizer([str(corpus)], str(d / "tok"), 512))
+    return SentencePieceTokenizer(train_tokenizer([str(corpus)], str(d / "tok"), 512))
 
 
 def test_tokenizer_round_trip(tokenizer, corpus_docs):
@@ -142,7 +142,7 @@ def test_tokenizer_tags_are_single_tokens(tokenizer):
 def test_tokenizer_missing_file(tmp_path):
     missing = str(tmp_path / "nope.model")
     with pytest.raises(FileNotFoundError, match=re.escape(missing)):
-        Tokenizer(missing)
+        SentencePieceTokenizer(missing)
 
 
 # ---------------------------------------------------------------- indexed
@@ -398,7 +398,7 @@ def test_tools_end_to_end(tmp_path):
 
     out = _run_tool("train_tokenizer.py", "--input", txt, "--output-prefix", tmp_path / "tok", "--vocab-size", 400)
     assert "vocab_size=" in out
-    tok = Tokenizer(str(tmp_path / "tok.model"))
+    tok = SentencePieceTokenizer(str(tmp_path / "tok.model"))
 
     out = _run_tool("preprocess_data.py", "--input", txt, "--tokenizer", tmp_path / "tok.model",
                     "--output-prefix", tmp_path / "txt", "--log-interval", 100)

@@ -18,7 +18,7 @@ import pytest
 from megads.data import (
     IndexedDataset,
     IndexedDatasetWriter,
-    Tokenizer,
+    SentencePieceTokenizer,
     check_data_fits,
     generate_documents,
     indexed,
@@ -33,7 +33,7 @@ VOCAB = 320  # both tiny tokenizers fill it exactly
 def _train(directory, name, lines):
     text = directory / f"{name}.txt"
     text.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return Tokenizer(train_tokenizer([str(text)], str(directory / name), VOCAB))
+    return SentencePieceTokenizer(train_tokenizer([str(text)], str(directory / name), VOCAB))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def tokenizers(tmp_path_factory):
 def _write(prefix, docs, vocab_size, tok=None):
     """Write a dataset; with `tok`, record it as the dataset's tokenizer (as tools/preprocess_data.py does)."""
     identity = {} if tok is None else {"tokenizer_sha256": tok.identity,
-                                       "tokenizer_name": os.path.basename(tok.model_path)}
+                                       "tokenizer_name": os.path.basename(tok.path)}
     writer = IndexedDatasetWriter(str(prefix), vocab_size, **identity)
     for d in docs:
         writer.add_document(d)
@@ -60,7 +60,7 @@ def _write(prefix, docs, vocab_size, tok=None):
 
 
 def _indexed_cfg(train, valid, tok, **kw):
-    return types.SimpleNamespace(source="indexed", train_path=train, valid_path=valid, tokenizer=tok.model_path,
+    return types.SimpleNamespace(source="indexed", train_path=train, valid_path=valid, tokenizer=tok.path,
                                  cache_dir=".megads_cache", synthetic_docs=0, synthetic_valid_docs=0, seed=0, **kw)
 
 
@@ -100,7 +100,7 @@ def test_preprocess_bad_jsonl(tmp_path, tokenizers, case):
     content, message = JSONL_CASES[case]
     src = tmp_path / "corpus.jsonl"
     src.write_bytes(content)
-    res = _preprocess("--input", src, "--tokenizer", tokenizers[0].model_path, "--output-prefix", tmp_path / "out/ds")
+    res = _preprocess("--input", src, "--tokenizer", tokenizers[0].path, "--output-prefix", tmp_path / "out/ds")
     where = str(src) if message == "no documents" else f"{src}{message}"
     _assert_refused(res, tmp_path / "out", where, message)
 
@@ -108,7 +108,7 @@ def test_preprocess_bad_jsonl(tmp_path, tokenizers, case):
 def test_preprocess_bad_text_file_names_line(tmp_path, tokenizers):
     src = tmp_path / "corpus.txt"
     src.write_bytes(b"first doc\n\nsecond\r\ndoc with caf\xe9\n")
-    res = _preprocess("--input", src, "--tokenizer", tokenizers[0].model_path, "--output-prefix", tmp_path / "out/ds")
+    res = _preprocess("--input", src, "--tokenizer", tokenizers[0].path, "--output-prefix", tmp_path / "out/ds")
     _assert_refused(res, tmp_path / "out", f"{src}:4: not UTF-8", "convert the file to UTF-8")
 
 
@@ -116,7 +116,7 @@ def test_preprocess_bad_text_file_names_line(tmp_path, tokenizers):
 def test_preprocess_missing_file(tmp_path, tokenizers, missing):
     src = tmp_path / "corpus.txt"
     src.write_text("a document\n", encoding="utf-8")
-    paths = {"--input": src, "--tokenizer": tokenizers[0].model_path, missing: tmp_path / "nope"}
+    paths = {"--input": src, "--tokenizer": tokenizers[0].path, missing: tmp_path / "nope"}
     res = _preprocess(*[x for kv in paths.items() for x in kv], "--output-prefix", tmp_path / "out/ds")
     _assert_refused(res, tmp_path / "out", f"{tmp_path / 'nope'}: no such file; check {missing}")
 
@@ -142,7 +142,7 @@ def test_other_tokenizer_of_same_size_refused(tmp_path, tokenizers):
     valid = _write(tmp_path / "valid", _encoded(tok_a, 5), VOCAB, tok_a)
     assert len(prepare_data(_indexed_cfg(train, valid, tok_a), vocab_size=512).train) == 40
     with pytest.raises(ValueError, match=rf"made with tokenizer a.model .* not with data.tokenizer="
-                                         rf"{re.escape(tok_b.model_path)}.*set data.tokenizer"):
+                                         rf"{re.escape(tok_b.path)}.*set data.tokenizer"):
         prepare_data(_indexed_cfg(train, valid, tok_b), vocab_size=512)
 
 

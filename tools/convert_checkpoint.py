@@ -1,11 +1,21 @@
 """Convert megads checkpoints: to and from the HuggingFace DeepseekV3 layout, or re-cut for a layout.
 
-    python tools/convert_checkpoint.py to-hf   runs/tiny/checkpoints out/hf [--dtype bf16|fp32] [--fp8]
+    python tools/convert_checkpoint.py to-hf   runs/tiny/checkpoints out/hf [--dtype bf16|fp32] [--fp8] [--tokenizer T]
     python tools/convert_checkpoint.py from-hf deepseek-v3/ out/megads    [--dequant-dtype bf16|fp32]
     python tools/convert_checkpoint.py reshard runs/tiny/checkpoints out/tp2ep4 --tp 2 --ep 4
 
 A checkpoint argument is a checkpoint directory or a checkpoint root (its `latest` is used).
 Conversions stream tensor by tensor; outputs appear only when complete. See docs/checkpoint.md.
+
+The tokenizer travels with the weights. from-hf copies tokenizer.json, tokenizer_config.json,
+special_tokens_map.json and tokenizer.model, those the HF directory holds, into the checkpoint's
+tokenizer/ directory (train with data.tokenizer=out/megads/tokenizer). They sit inside the
+checkpoint so that they are renamed into place with it and listed in its index.json with their
+sha256 like every other file; loading verifies only the files holding tensors and trainer.pt, so
+they change nothing there, while to-hf and reshard check them before copying them on. to-hf
+writes them into the HF directory, or, with --tokenizer, the files of the tokenizer named (a
+tokenizer.json or .model with the tokenizer_config.json and special_tokens_map.json beside it, or
+a directory holding them): checkpoints saved by training carry none.
 """
 from __future__ import annotations
 
@@ -38,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     hf.add_argument("--dtype", choices=DTYPES, default="bf16", help="dtype of the written weights (default bf16)")
     hf.add_argument("--fp8", action="store_true", help="write projections as e4m3 with 128x128 weight_scale_inv")
     hf.add_argument("--max-shard-gb", type=float, default=5.0)
+    hf.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, .model or a directory to copy into the output "
+                                                        "(default: the tokenizer files the checkpoint carries)")
     back = sub.add_parser("from-hf", help="HuggingFace DeepseekV3 (bf16 or the released FP8) -> megads checkpoint")
     back.add_argument("hf_dir")
     back.add_argument("output")
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "to-hf":
             summary = to_hf(args.checkpoint, args.output, DTYPES[args.dtype], args.fp8,
-                            int(args.max_shard_gb * 2**30), progress)
+                            int(args.max_shard_gb * 2**30), progress, args.tokenizer)
         elif args.command == "from-hf":
             summary = from_hf(args.hf_dir, args.output, DTYPES[args.dequant_dtype], int(args.max_file_gb * 2**30),
                               progress)

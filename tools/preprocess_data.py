@@ -2,6 +2,7 @@
 
 Input: .jsonl (one JSON object per line, text under --json-key) or plain text (one document per
 blank-line separated paragraph; newlines inside a paragraph are kept). Both are read as UTF-8.
+--tokenizer is a HuggingFace tokenizer.json (or a directory holding one) or a sentencepiece .model.
 PREFIX.meta.json records the tokenizer (sha256 of its file) so training refuses another one.
 
 Bad input (a missing file, malformed JSON, non-UTF-8 bytes, a record without a text string, no
@@ -9,6 +10,7 @@ documents at all) stops the tool with one line naming the file and line, exit st
 output files.
 
     python tools/preprocess_data.py --input corpus.txt --tokenizer tok.model --output-prefix data/train
+    python tools/preprocess_data.py --input corpus.jsonl --tokenizer hf/tokenizer.json --output-prefix data/train
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ from collections.abc import Iterator
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # run from a checkout
 
 from megads.data.indexed import IndexedDatasetWriter  # noqa: E402
-from megads.data.tokenizer import Tokenizer  # noqa: E402
+from megads.data.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 
-_CHUNK = 1024  # documents encoded per sentencepiece batch call
+_CHUNK = 1024  # documents encoded per encode_batch call
 
 
 class InputError(Exception):
@@ -79,11 +81,11 @@ def iter_paragraphs(path: str) -> Iterator[str]:
 
 
 def open_tokenizer(path: str) -> Tokenizer:
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file; check --tokenizer")
     try:
-        return Tokenizer(path)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file; check --tokenizer") from None
-    except ValueError as e:  # not a sentencepiece model, or one without eos
+        return load_tokenizer(path)
+    except (FileNotFoundError, ValueError) as e:  # not a tokenizer, one without eos, a directory without one
         raise InputError(f"{' '.join(str(e).split())}; check --tokenizer") from None
 
 
@@ -92,7 +94,7 @@ def write_dataset(docs: Iterator[str], tok: Tokenizer, args: argparse.Namespace,
     input turns out bad midway."""
     n_docs = n_tokens = 0
     with IndexedDatasetWriter(args.output_prefix, tok.vocab_size, tokenizer_sha256=tok.identity,
-                              tokenizer_name=os.path.basename(args.tokenizer)) as writer:
+                              tokenizer_name=os.path.basename(tok.path)) as writer:
         while chunk := list(itertools.islice(docs, _CHUNK)):
             for ids in tok.encode_batch(chunk):
                 if args.append_eos:
@@ -124,7 +126,8 @@ def preprocess(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help=".jsonl or text file")
-    parser.add_argument("--tokenizer", required=True, help="sentencepiece .model")
+    parser.add_argument("--tokenizer", required=True,
+                        help="HuggingFace tokenizer.json (or its directory) or sentencepiece .model")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl input")
     parser.add_argument("--append-eos", action="store_true",

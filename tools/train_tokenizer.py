@@ -11,7 +11,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # run from a checkout
 
-from megads.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from megads.data.tokenizer import SentencePieceTokenizer, train_tokenizer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.time()
     model_path = train_tokenizer(args.input, args.output_prefix, args.vocab_size)
-    tok = Tokenizer(model_path)
+    tok = SentencePieceTokenizer(model_path)
     print(f"wrote {model_path}: vocab_size={tok.vocab_size} pad={tok.pad_id} bos={tok.bos_id} "
           f"eos={tok.eos_id} ({time.time() - start:.1f}s)")
 

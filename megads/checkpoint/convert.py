@@ -3,6 +3,12 @@ re-cutting a megads checkpoint's pieces for a target layout.
 
 Each function takes `progress(iterable, total, desc)` (tqdm in tools/convert_checkpoint.py)
 and returns a summary dict. Outputs are written into `<out>.tmp` and renamed when complete.
+
+Tokenizer files travel with the weights: `from_hf` stores those of the HF directory under the
+checkpoint's `tokenizer/`, listed in its index with their sha256 like every other file (loading
+reads and verifies only the files holding pieces and trainer.pt, so they change nothing there);
+`reshard` keeps them; `to_hf` writes them (or those of a tokenizer it is given) into the HF
+directory.
 """
 from __future__ import annotations
 
@@ -18,13 +24,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from megads.checkpoint.format import TRAINER_STATE, CheckpointError, CheckpointReader, Piece, PieceWriter, \
-    merge_indexes, write_bytes, write_index
+from megads.checkpoint.format import TOKENIZER_DIR, TRAINER_STATE, CheckpointError, CheckpointReader, Piece, \
+    PieceWriter, merge_indexes, write_bytes, write_index
 from megads.checkpoint.hf import (HFTensor, config_from_metadata, dequantise_weight, hf_config, hf_tensors,
                                   megads_name, model_config, quantise_weight, quantised, scale_name, shared_copy_source)
 from megads.checkpoint.layout import MODEL, expected_tensors
 from megads.checkpoint.sharded import check_model_tensors, resolve
 from megads.config import Config, ModelConfig
+from megads.data.tokenizer import HF_FILE, SP_FILE, load_tokenizer
 from megads.fp8.quant import E4M3
 from megads.parallel.mesh import Mesh
 from megads.parallel.plan import plan_layout
@@ -32,6 +39,8 @@ from megads.parallel.plan import plan_layout
 log = logging.getLogger("megads")
 Progress = Callable[[Iterable, int, str], Iterable]
 HF_INDEX = "model.safetensors.index.json"
+TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (HF_FILE, *TOKENIZER_CONFIGS, SP_FILE)      # the tokenizer files of a HuggingFace directory
 
 
 def no_progress(items: Iterable, total: int, desc: str) -> Iterable:
@@ -58,17 +67,65 @@ def _open_verified(checkpoint: str, trainer_state: bool) -> CheckpointReader:
     return reader
 
 
+# ----------------------------------------------------------------------------- tokenizer files
+
+def _present(folder: str, names: tuple[str, ...]) -> dict[str, str]:
+    return {name: os.path.join(folder, name) for name in names if os.path.isfile(os.path.join(folder, name))}
+
+
+def tokenizer_files(path: str) -> dict[str, str]:
+    """The tokenizer files at `path`, by the name a HuggingFace directory gives each -> where they are:
+    those of TOKENIZER_FILES in a directory, or a tokenizer.json / .model file with the
+    tokenizer_config.json and special_tokens_map.json beside it."""
+    if os.path.isdir(path):
+        return _present(path, TOKENIZER_FILES)
+    return {HF_FILE if path.endswith(".json") else SP_FILE: path, **_present(os.path.dirname(path), TOKENIZER_CONFIGS)}
+
+
+def _named_tokenizer(path: str, cfg: ModelConfig) -> dict[str, str]:
+    """The files of tokenizer `path`, refused when it does not load or has more tokens than the model."""
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the checkpoint's model has "
+                         f"vocab_size={cfg.vocab_size}; give the tokenizer the model was trained with")
+    return tokenizer_files(path)
+
+
+def _carried_tokenizer(reader: CheckpointReader) -> dict[str, str]:
+    """The tokenizer files the checkpoint carries, checked against their sha256 in its index."""
+    names = sorted(name for name in reader.files if name.startswith(TOKENIZER_DIR + "/"))
+    reader.verify(names)
+    return {name.removeprefix(TOKENIZER_DIR + "/"): os.path.join(reader.path, name) for name in names}
+
+
+def _store_tokenizer(sources: dict[str, str], directory: str) -> dict[str, dict]:
+    """Copy tokenizer files into `directory`/tokenizer/; their index entries {"bytes", "sha256"}."""
+    entries = {}
+    for name, source in sources.items():
+        with open(source, "rb") as f:
+            data = f.read()
+        os.makedirs(os.path.join(directory, TOKENIZER_DIR), exist_ok=True)
+        entries[f"{TOKENIZER_DIR}/{name}"] = write_bytes(os.path.join(directory, TOKENIZER_DIR, name), data)
+    return entries
+
+
 # ----------------------------------------------------------------------------- megads -> HF
 
 def to_hf(checkpoint: str, out: str, dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
-          max_shard_bytes: int = 5 << 30, progress: Progress = no_progress) -> dict:
-    """Write safetensors shards, their index and config.json for DeepseekV3ForCausalLM."""
+          max_shard_bytes: int = 5 << 30, progress: Progress = no_progress, tokenizer: str | None = None) -> dict:
+    """Write safetensors shards, their index and config.json for DeepseekV3ForCausalLM, and the tokenizer
+    files: those of `tokenizer` (a tokenizer file or a directory, see `tokenizer_files`) when given,
+    else those the checkpoint carries."""
     reader = _open_verified(checkpoint, trainer_state=False)
     if "model_config" not in reader.metadata:
         raise CheckpointError(f"checkpoint {reader.path} records no model_config; it was not written by megads' trainer "
                               f"or converter")
     cfg = config_from_metadata(reader.metadata)
     check_model_tensors(reader, cfg)
+    tokenizer_sources = _named_tokenizer(tokenizer, cfg) if tokenizer else _carried_tokenizer(reader)
+    if not tokenizer_sources:
+        log.warning(f"checkpoint {reader.path} carries no tokenizer, so {out} will hold none; name one with "
+                    f"--tokenizer (a tokenizer.json, a .model or a directory)")
     plan: list[tuple[HFTensor, tuple[int, ...], int]] = []
     for name, shape in expected_tensors(cfg).items():
         for t in hf_tensors(name, shape, cfg):
@@ -110,9 +167,12 @@ def to_hf(checkpoint: str, out: str, dtype: torch.dtype = torch.bfloat16, fp8: b
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf_config(cfg, dtype, fp8), f, indent=2, sort_keys=True)
+    for name, source in tokenizer_sources.items():
+        shutil.copyfile(source, os.path.join(tmp, name))
     os.replace(tmp, out)
     return {"output": out, "tensors": len(weight_map), "files": len(shards), "bytes": total,
-            "fp8_tensors": sum(1 for n in weight_map if n.endswith("_scale_inv")), "mtp_layers": cfg.mtp_depth}
+            "fp8_tensors": sum(1 for n in weight_map if n.endswith("_scale_inv")), "mtp_layers": cfg.mtp_depth,
+            "tokenizer_files": len(tokenizer_sources)}
 
 
 # ----------------------------------------------------------------------------- HF -> megads
@@ -164,7 +224,8 @@ class HFReader:
 
 def from_hf(hf_dir: str, out: str, dequant_dtype: torch.dtype = torch.bfloat16, max_file_bytes: int = 5 << 30,
             progress: Progress = no_progress) -> dict:
-    """A megads checkpoint (weights only, step 0) from a HuggingFace DeepseekV3 directory."""
+    """A megads checkpoint (weights only, step 0) from a HuggingFace DeepseekV3 directory, carrying its
+    tokenizer files under tokenizer/."""
     hf = HFReader(hf_dir)
     with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = model_config(json.load(f), hf.weight_map)
@@ -207,11 +268,13 @@ def from_hf(hf_dir: str, out: str, dequant_dtype: torch.dtype = torch.bfloat16, 
             raise CheckpointError(f"{name} differs from {shared_copy_source(name)}; megads' MTP layers share the "
                                   f"main embedding and output head")
     writer.flush()
-    write_index(tmp, writer.files, writer.tensors, {"step": 0, "adam_step": 0, "source": os.path.abspath(hf_dir),
-                                                    "model_config": dataclasses.asdict(cfg)})
+    tokenizer_entries = _store_tokenizer(tokenizer_files(hf_dir), tmp)
+    write_index(tmp, {**writer.files, **tokenizer_entries}, writer.tensors,
+                {"step": 0, "adam_step": 0, "source": os.path.abspath(hf_dir), "model_config": dataclasses.asdict(cfg)})
     os.replace(tmp, out)
     return {"output": out, "tensors": len(writer.tensors), "files": len(writer.files),
-            "bytes": writer.total_bytes, "mtp_layers": cfg.mtp_depth, "shared_copies_checked": len(copies)}
+            "bytes": writer.total_bytes, "mtp_layers": cfg.mtp_depth, "shared_copies_checked": len(copies),
+            "tokenizer_files": len(tokenizer_entries)}
 
 
 # ----------------------------------------------------------------------------- re-cutting pieces
@@ -228,6 +291,7 @@ def reshard(checkpoint: str, out: str, tp: int, ep: int, max_file_bytes: int = 5
     (TP rank, EP rank), so that the ranks of such a run each read their own files. Any
     checkpoint already loads under any layout; this only makes loading local."""
     reader = _open_verified(checkpoint, trainer_state=True)
+    tokenizer_sources = _carried_tokenizer(reader)
     cfg = config_from_metadata(reader.metadata)
     splits = split_dims(cfg, tp, ep)
     writers: dict[tuple[int, int], PieceWriter] = {}
@@ -258,6 +322,7 @@ def reshard(checkpoint: str, out: str, tp: int, ep: int, max_file_bytes: int = 5
     if reader.has_trainer_state:
         with open(os.path.join(reader.path, TRAINER_STATE), "rb") as f:
             files[TRAINER_STATE] = write_bytes(os.path.join(tmp, TRAINER_STATE), f.read())
+    files.update(_store_tokenizer(tokenizer_sources, tmp))
     write_index(tmp, files, tensors, {**reader.metadata, "trainer_state": reader.has_trainer_state,
                                       "cut_for": {"tp": tp, "ep": ep}})
     os.replace(tmp, out)

@@ -5,6 +5,7 @@ A checkpoint is a directory:
     index.json                 what the checkpoint holds (see below)
     trainer.pt                 trainer state that is not a tensor of the model (training checkpoints)
     <prefix>-<k>.safetensors   pieces: rectangular slices of global tensors
+    tokenizer/                 tokenizer files, when a conversion brought them (listed in "files")
 
 `index.json` (version 2):
 
@@ -47,6 +48,7 @@ FORMAT = "megads-checkpoint"
 VERSION = 2
 INDEX = "index.json"
 TRAINER_STATE = "trainer.pt"
+TOKENIZER_DIR = "tokenizer"
 DTYPES = {str(t).removeprefix("torch."): t for t in (torch.float32, torch.bfloat16, torch.float16, torch.float64,
                                                      torch.int64, torch.int32, torch.uint8, torch.float8_e4m3fn)}
 DATA_FIX = "restore the file from a copy of this checkpoint or resume from an earlier checkpoint"
@@ -342,6 +344,8 @@ class CheckpointReader:
     def _held_by(self, file: str) -> str:
         if file == TRAINER_STATE:
             return "the trainer state (step, data position, RNG states)"
+        if file.startswith(TOKENIZER_DIR + "/"):
+            return "the tokenizer"
         names = [n for n, e in self.tensors.items() if any(p["file"] == file for p in e["pieces"])]
         return "tensor " + first_names(names) if names else "no tensor"
 

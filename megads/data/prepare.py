@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from megads.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megads.data.loader import samples_per_epoch
 from megads.data.synthetic import generate_documents, iter_documents
-from megads.data.tokenizer import Tokenizer, train_tokenizer
+from megads.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 
 _T = TypeVar("_T")
 _SYNTHETIC_FILES = ("corpus.txt", "tokenizer.model", "train.bin", "train.idx", "train.meta.json",
@@ -56,7 +56,7 @@ def prepare_data(cfg: Any, vocab_size: int) -> PreparedData:
         raise ValueError(f"data.source must be 'synthetic' or 'indexed', got {cfg.source!r}")
     if data.tokenizer.vocab_size > vocab_size:
         raise ValueError(
-            f"tokenizer {data.tokenizer.model_path} has {data.tokenizer.vocab_size} tokens but "
+            f"{settings.tokenizer}: tokenizer {data.tokenizer.path} has {data.tokenizer.vocab_size} tokens but "
             f"model.vocab_size={vocab_size}; set model.vocab_size >= {data.tokenizer.vocab_size}"
         )
     for setting, dataset in ((settings.train, data.train), (settings.valid, data.valid)):
@@ -76,7 +76,7 @@ def _check_tokenizer(setting: str, dataset: IndexedDataset, tokenizer: Tokenizer
         raise ValueError(
             f"{setting}: dataset {dataset.prefix} was made with tokenizer {dataset.meta['tokenizer']} "
             f"(sha256 {recorded[:12]}, {dataset.meta['vocab_size']} tokens), not with {tokenizer_setting}="
-            f"{tokenizer.model_path} (sha256 {tokenizer.identity[:12]}, {tokenizer.vocab_size} tokens); set "
+            f"{tokenizer.path} (sha256 {tokenizer.identity[:12]}, {tokenizer.vocab_size} tokens); set "
             f"{tokenizer_setting} to the dataset's tokenizer or re-run tools/preprocess_data.py with this one"
         )
 
@@ -128,7 +128,7 @@ def _open_setting(setting: str, factory: Callable[[str], _T], path: str | None) 
 
 def _open_indexed(cfg: Any) -> PreparedData:
     return PreparedData(
-        tokenizer=_open_setting("data.tokenizer", Tokenizer, cfg.tokenizer),
+        tokenizer=_open_setting("data.tokenizer", load_tokenizer, cfg.tokenizer),
         train=_open_setting("data.train_path", IndexedDataset, cfg.train_path),
         valid=_open_setting("data.valid_path", IndexedDataset, cfg.valid_path),
     )
@@ -136,7 +136,7 @@ def _open_indexed(cfg: Any) -> PreparedData:
 
 def _open_dir(path: str) -> PreparedData:
     return PreparedData(
-        tokenizer=Tokenizer(os.path.join(path, "tokenizer.model")),
+        tokenizer=SentencePieceTokenizer(os.path.join(path, "tokenizer.model")),
         train=IndexedDataset(os.path.join(path, "train")),
         valid=IndexedDataset(os.path.join(path, "valid")),
     )
@@ -183,7 +183,7 @@ def _write_synthetic(out_dir: str, cfg: Any, vocab_size: int) -> None:
     with open(corpus, "w", encoding="utf-8") as f:  # one document per blank-line separated paragraph
         f.write("\n\n".join(train_docs) + "\n")
     try:
-        tokenizer = Tokenizer(train_tokenizer([corpus], os.path.join(out_dir, "tokenizer"), vocab_size))
+        tokenizer = SentencePieceTokenizer(train_tokenizer([corpus], os.path.join(out_dir, "tokenizer"), vocab_size))
     except ValueError as e:
         raise ValueError(f"synthetic data: cannot train a tokenizer for model.vocab_size={vocab_size}: {e}") from e
     for split, docs in (("train", train_docs), ("valid", valid_docs)):
