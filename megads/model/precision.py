@@ -56,35 +56,35 @@ class WeightCopies:
 class MainGradGemm:
     """A `LinearStrategy.gemm`: x times the weight's bf16 copy; the fp32 weight gradient added into
     `.grad` by the GEMM (`accumulate`), or returned to autograd."""
+    kind = ""
 
     def __init__(self, copies: WeightCopies, accumulate: bool):
         self.copies, self.accumulate = copies, accumulate
 
     def __repr__(self) -> str:
-        return "bf16-copy, main-grad " + ("accumulated" if self.accumulate else "returned")
+        return f"{self.kind}bf16-copy, main-grad " + ("accumulated" if self.accumulate else "returned")
+
+    def main_grad(self, weight: nn.Parameter) -> torch.Tensor | None:
+        """The .grad the GEMM adds into (None: the first micro-batch's, or one a hook must see)."""
+        return weight.grad if self.accumulate else None
 
     def __call__(self, x: torch.Tensor, weight: nn.Parameter) -> torch.Tensor:
         copy = self.copies.of(weight)
         with torch.autocast(x.device.type, enabled=False):
-            return LinearFunction.apply(x.to(copy.dtype), weight, copy, weight.grad if self.accumulate else None)
+            return LinearFunction.apply(x.to(copy.dtype), weight, copy, self.main_grad(weight))
 
 
-class MainGradGroupedGemm:
+class MainGradGroupedGemm(MainGradGemm):
     """An `ExpertsStrategy.gemm`: the routed experts' grouped GEMM on the weights' bf16 copies, the
     fp32 weight gradients added into `.grad` (`accumulate`) or returned to autograd."""
-
-    def __init__(self, copies: WeightCopies, accumulate: bool):
-        self.copies, self.accumulate = copies, accumulate
-
-    def __repr__(self) -> str:
-        return "grouped bf16-copy, main-grad " + ("accumulated" if self.accumulate else "returned")
+    kind = "grouped "
 
     def __call__(self, x: torch.Tensor, weight: nn.Parameter, counts: torch.Tensor) -> torch.Tensor:
         copy = self.copies.of(weight)
         x = x.to(copy.dtype).contiguous()
         with torch.autocast(x.device.type, enabled=False):
             return GroupedLinearFunction.apply(x, weight, copy, counts, grouped_mm_supported(x, copy),
-                                               weight.grad if self.accumulate else None)
+                                               self.main_grad(weight))
 
 
 def main_grad_strategies(model: nn.Module, copies: WeightCopies, strategies: dict[str, object],
